@@ -1,0 +1,38 @@
+"""The `viscoin-jax` command line: one sub-command per job.
+
+Each sub-command lives in its own module and exposes `add_parser(subparsers)`, which registers the
+sub-command and sets `func` to the function that runs it. Modules are imported only when the
+command line is parsed, so a sub-command's heavy imports do not slow the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command name -> module that defines it
+COMMANDS = {
+    "bench-kernels": "viscoin_jax.kernels.bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viscoin-jax", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "allow_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.unknown = unknown
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
