@@ -4,15 +4,15 @@ Installed as `viscoin_jax.kernels`. Every op takes `impl` in {"auto", "pallas", 
 "auto" runs the Pallas kernel on GPU (Triton) and TPU (Mosaic) and the XLA reference elsewhere.
 """
 
-from kernels._args import setup_filter
-from kernels.modulated_conv2d import (
+from ._args import setup_filter
+from .modulated_conv2d import (
     conv2d_resample_reference,
     demodulation_coefficients,
     modulated_conv2d,
     modulated_conv2d_grouped_reference,
     modulated_conv2d_reference,
 )
-from kernels.upfirdn2d import downsample2d, filter2d, upfirdn2d, upfirdn2d_reference, upsample2d
+from .upfirdn2d import downsample2d, filter2d, upfirdn2d, upfirdn2d_reference, upsample2d
 
 __all__ = [
     "setup_filter",

@@ -13,7 +13,7 @@ from typing import Callable
 
 import jax
 
-from kernels._args import check_impl
+from ._args import check_impl
 
 # Backends of the kernel wrappers: "gpu" compiles through Triton, "tpu" through Mosaic, and
 # "interpret" runs the GPU variant of the same kernel body in the Pallas interpreter (any platform).

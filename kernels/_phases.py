@@ -18,7 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from kernels._args import output_size
+from ._args import output_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,10 +28,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import _phases
-from kernels._args import check_impl, filter_size, parse_padding, setup_filter
-from kernels._dispatch import dispatch
-from kernels.upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
+from . import _phases
+from ._args import check_impl, filter_size, parse_padding, setup_filter
+from ._dispatch import dispatch
+from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

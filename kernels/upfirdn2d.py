@@ -21,9 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
-from kernels import _phases
-from kernels._args import check_impl, filter_size, parse_padding, parse_scaling
-from kernels._dispatch import dispatch
+from . import _phases
+from ._args import check_impl, filter_size, parse_padding, parse_scaling
+from ._dispatch import dispatch
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
