@@ -12,7 +12,8 @@ Layout (the JAX Pallas ops pattern):
   stride-2 convolutions), with an input-channel scale and an output-channel scale fused in.
 - `_weight_grad_kernel_gpu` / `_weight_grad_kernel_tpu`: Pallas kernels for the weight gradient.
 - `_phased_conv`: the `jax.custom_vjp` core; its backward pass is the same conv kernel on the
-  transposed plan (gradient w.r.t. x) plus the weight-gradient kernel.
+  transposed plan (gradient w.r.t. x) plus `_weight_grad`, itself a custom_vjp over the weight-
+  gradient kernels whose transposes are phased convolutions again (so every order is Pallas).
 - `modulated_conv2d`: the public op. `modulated_conv2d_reference`: the plain-JAX ("xla") path;
   `modulated_conv2d_grouped_reference`: the grouped-convolution formulation, for comparison.
 """
@@ -30,7 +31,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, setup_filter
-from ._dispatch import dispatch
+from ._dispatch import dispatch, interpret_mode, uses_tpu_layout
 from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -208,9 +209,10 @@ def _weight_grad_kernel_gpu(in_scale_ref, x_ref, g_ref, o_ref, *, flat_taps, til
     m = tile_h * tile_w
 
     def body(step, accs):
-        n = step // (tiles_h * tiles_w)
-        h0 = (step // tiles_w) % tiles_h * tile_h
-        w0 = step % tiles_w * tile_w
+        # lax.div/rem: jnp's floor division lowers to select ops Triton's integer rules reject.
+        n = jax.lax.div(step, tiles_h * tiles_w)
+        h0 = jax.lax.rem(jax.lax.div(step, tiles_w), tiles_h) * tile_h
+        w0 = jax.lax.rem(step, tiles_w) * tile_w
         scale = in_scale_ref[n, 0, pl.ds(c0, bi)].astype(jnp.float32)
         x_tile = lambda r, oy, ox: x_ref[n, r, pl.ds(h0 + oy, tile_h), pl.ds(w0 + ox, tile_w), pl.ds(c0, bi)]
         g_tile = lambda qy, qx: g_ref[n, pl.ds(h0, tile_h), qy, pl.ds(w0, tile_w), qx, pl.ds(o0, bo)]
@@ -253,7 +255,7 @@ def _conv_tiles(backend, rows, cols, cin, cout):
     Triton needs power-of-two tiles and dot operands of at least 16; Mosaic keeps whole rows in
     VMEM (tile_w a multiple of 8) and whole or 128-lane channel blocks.
     """
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         bo = 128 if cout % 128 == 0 else cout
         return 8, _phases.round_up(cols, 8), cin, bo, cin, cout
     tile_h = min(8, pl.next_power_of_2(rows))
@@ -266,7 +268,7 @@ def _conv_tiles(backend, rows, cols, cin, cout):
 def _compiler_params(backend, semantics):
     if backend == "gpu":
         return pl_triton.CompilerParams(num_warps=4, num_stages=2)
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         return pltpu.CompilerParams(dimension_semantics=semantics)
     return None
 
@@ -327,14 +329,46 @@ def _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend):
         out_specs=pl.BlockSpec((1, tile_h, uy, tile_w, ux, bo), lambda i, j, t, u: (i, t, 0, u, 0, j)),
         out_shape=jax.ShapeDtypeStruct((n, rows, uy, cols, ux, cout_p), x.dtype),
         compiler_params=_compiler_params(backend, ("parallel",) * 4),
-        interpret=backend == "interpret",
+        interpret=interpret_mode(backend),
         name="modulated_conv2d",
     )(in_scale, out_scale, w, xph)
     return _phases.merge_phases(y, plan_y, plan_x)[..., :cout]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
-    """dW[ky, kx, i, o] = sum_{n, pixels} (x * in_scale)[window(ky, kx), i] * g[o], float32."""
+    """dW[ky, kx, i, o] = sum_{n, pixels} (x * in_scale)[window(ky, kx), i] * g[o], float32.
+
+    A custom_vjp of its own so that second-order gradients (R1, path length) stay in Pallas: the
+    weight gradient is bilinear in (x, g) and both of its transposes are phased convolutions.
+    """
+    return _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend)
+
+
+def _weight_grad_fwd(x, g, in_scale, w_shape, geometry, backend):
+    return _weight_grad(x, g, in_scale, w_shape, geometry, backend), (x, g, in_scale)
+
+
+def _weight_grad_bwd(w_shape, geometry, backend, residuals, d_w):
+    x, g, in_scale = residuals
+    n = x.shape[0]
+    ones_out = jnp.ones((n, w_shape[3]), jnp.float32)
+    ones_in = jnp.ones((n, w_shape[2]), jnp.float32)
+    # d g = conv(x * in_scale, d_w); d (x * in_scale) = conv_transpose(g, d_w).
+    grad_g = _phased_conv(x, d_w.astype(x.dtype), in_scale, ones_out, geometry, backend).astype(g.dtype)
+    d_w_t = jnp.flip(d_w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
+    t = _phased_conv(g, d_w_t, ones_out, ones_in,
+                     _transposed_geometry(x.shape, g.shape, w_shape, geometry), backend)
+    t = t.astype(jnp.float32)
+    grad_x = (t * in_scale[:, None, None, :]).astype(x.dtype)
+    grad_in_scale = jnp.sum(t * x.astype(jnp.float32), axis=(1, 2))
+    return grad_x, grad_g, grad_in_scale
+
+
+_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+
+
+def _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend):
     plan_y, plan_x = _plans(x.shape, w_shape, geometry)
     table = _phases.tap_table(plan_y, plan_x)
     flat_taps = [(qy, qx, ky, kx, r, oy, ox) for qy, qx, taps in table for ky, kx, r, oy, ox in taps]
@@ -342,7 +376,7 @@ def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
     kh, kw, _, cout = w_shape
     tile_h, tile_w, bi, bo, cin_p, cout_p = _conv_tiles(
         backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         bi = 128 if cin % 128 == 0 else cin
     rows = _phases.round_up(plan_y.out_per_phase, tile_h)
     cols = _phases.round_up(plan_x.out_per_phase, tile_w)
@@ -357,7 +391,7 @@ def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
     compute_dtype = _compute_dtype(x)
     if not flat_taps:
         return jnp.zeros((kh, kw, cin, cout), jnp.float32)
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         el = pl.Element
         phases, in_w = xph.shape[1], xph.shape[3]
         kernel = functools.partial(_weight_grad_kernel_tpu, flat_taps=flat_taps, tile_h=tile_h,
@@ -374,6 +408,7 @@ def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
             out_specs=out_spec,
             out_shape=out_shape,
             compiler_params=_compiler_params(backend, ("parallel", "parallel", "arbitrary", "arbitrary")),
+            interpret=interpret_mode(backend),
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)
     else:
@@ -388,7 +423,7 @@ def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
             out_specs=out_spec,
             out_shape=out_shape,
             compiler_params=_compiler_params(backend, None),
-            interpret=backend == "interpret",
+            interpret=interpret_mode(backend),
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)
     return dw[:, :, :cin, :cout]
@@ -420,7 +455,7 @@ def _phased_conv_bwd(geometry, backend, residuals, dy):
     # y = out_scale * c, so sum(dy * c) = sum(dy * y) / out_scale (out_scale > 0 in this module).
     grad_out_scale = jnp.sum(dy32 * y.astype(jnp.float32), axis=(1, 2)) / out_scale
     g = (dy32 * out_scale[:, None, None, :]).astype(dy.dtype)
-    grad_w = _weight_grad(x, g, in_scale, w.shape, geometry, backend).astype(w.dtype)
+    grad_w = _weight_grad(x, g, in_scale, tuple(w.shape), geometry, backend).astype(w.dtype)
     return grad_x, grad_w, grad_in_scale, grad_out_scale
 
 
@@ -431,7 +466,7 @@ def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
     pads = resample_padding(padding, up, down, f)
-    filter_impl = "interpret" if backend == "interpret" else "pallas"
+    filter_impl = backend if backend in ("interpret", "tpu_interpret") else "pallas"
     if down > 1:  # blur (the upfirdn2d kernel), then the stride-`down` phased conv
         x = upfirdn2d(x, f, padding=pads, impl=filter_impl)
         return _phased_conv(x, weight, styles, dcoef, (1, down, (0, 0, 0, 0)), backend)
@@ -457,10 +492,10 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
     Weights are correlated, as in `lax.conv` and torch's conv2d. StyleGAN2-ADA's up-sampling layers
     convolve instead (flip_weight=False); an importer flips those kernels spatially.
 
-    Differentiable in x, weight and styles under every impl. Second-order gradients (path-length
-    regularisation) work under every impl too: the Pallas backward pass is built from the same
-    custom_vjp ops plus a weight-gradient kernel whose own derivative comes from JAX autodiff of
-    the interpreted kernel only under impl="interpret"; use impl="xla" for higher orders on GPU/TPU.
+    Differentiable in x, weight and styles under every impl, to any order (R1 and path-length
+    regularisation need the second): the Pallas backward pass is the same conv kernel on the
+    transposed plan plus a weight-gradient kernel, each a custom_vjp whose own transpose is again
+    the conv kernel.
     """
     check_impl(impl)
     _check_args(x, weight, styles, up, down)

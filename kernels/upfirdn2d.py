@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import dispatch
+from ._dispatch import dispatch, interpret_mode, uses_tpu_layout
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -136,7 +136,7 @@ def _tiles(backend, rows, cols, channels):
     GPU (Triton) tiles must be powers of two; TPU (Mosaic) keeps whole rows in VMEM with channel
     blocks of 128 lanes (or all channels when fewer) and tiles only the rows.
     """
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         tile_w = _phases.round_up(cols, 8)
         cb = 128 if channels % 128 == 0 else channels
         return 8, tile_w, cb, channels
@@ -149,7 +149,7 @@ def _tiles(backend, rows, cols, channels):
 def _compiler_params(backend, grid_rank):
     if backend == "gpu":
         return pl_triton.CompilerParams(num_warps=4, num_stages=2)
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
     return None
 
@@ -172,7 +172,7 @@ def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
     el = pl.Element
     x_spec = pl.BlockSpec((el(1), el(phases), el(tile_h + plan_y.halo), el(in_w), el(cb)),
                           lambda i, j, t, u: (i, 0, t * tile_h, 0, j * cb))
-    if backend == "tpu":
+    if uses_tpu_layout(backend):
         g_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
     else:
         g_spec = pl.BlockSpec(g.shape, lambda i, j, t, u: (0, 0))
@@ -185,7 +185,7 @@ def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
         out_specs=o_spec,
         out_shape=jax.ShapeDtypeStruct((n, rows, uy, cols, ux, cp), x.dtype),
         compiler_params=_compiler_params(backend, len(grid)),
-        interpret=backend == "interpret",
+        interpret=interpret_mode(backend),
         name="upfirdn2d",
     )(g, xph)
     return _phases.merge_phases(y, plan_y, plan_x)[..., :c]
