@@ -21,6 +21,7 @@ Layout (the JAX Pallas ops pattern):
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -462,6 +463,33 @@ def _phased_conv_bwd(geometry, backend, residuals, dy):
 _phased_conv.defvjp(_phased_conv_fwd, _phased_conv_bwd)
 
 
+# Mosaic (TPU) holds every block in VMEM, double-buffered. A layer whose blocks would not fit is
+# routed to the XLA path when compiling for TPU (with a warning) instead of failing inside Mosaic.
+TPU_VMEM_BUDGET_BYTES = 12 * 2**20
+
+
+def tpu_vmem_estimate(x_shape, w_shape, up, down, pads) -> int:
+    """Bytes of VMEM the TPU conv kernels need for this layer (forward and backward), float32."""
+    n, h, w, cin = x_shape
+    kh, kw, _, cout = w_shape
+    if down > 1:  # the conv runs on the blurred input with no extra padding
+        h, w = h + pads[2] + pads[3], w + pads[0] + pads[1]
+        geometry = (1, down, (0, 0, 0, 0))
+    else:
+        geometry = (up, 1, pads)
+    plan_y, plan_x = _plans((n, h, w, cin), w_shape, geometry)
+    need = 0
+    for c_in, c_out in ((cin, cout), (cout, cin)):  # the input gradient swaps the channels
+        tile_h, tile_w, _, bo, _, _ = _conv_tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase,
+                                                  c_in, c_out)
+        cols = _phases.round_up(plan_x.out_per_phase, tile_w)
+        x_block = plan_y.down * plan_x.down * (tile_h + plan_y.halo) * (cols + plan_x.halo) * c_in
+        out_block = tile_h * plan_y.up * cols * plan_x.up * bo
+        blocks = x_block + kh * kw * c_in * bo + out_block
+        need = max(need, 4 * (2 * blocks + tile_h * cols * bo))
+    return need
+
+
 def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding, f, backend):
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
@@ -511,6 +539,13 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         return modulated_conv2d_reference(x, weight, styles, demodulate, up, down, padding, f)
 
     def kernel_fn(x, weight, styles, backend):
+        if uses_tpu_layout(backend):
+            need = tpu_vmem_estimate(x.shape, weight.shape, up, down, pads)
+            if need > TPU_VMEM_BUDGET_BYTES:
+                warnings.warn(f"modulated_conv2d: x {x.shape}, weight {weight.shape} needs about "
+                              f"{need / 2**20:.1f} MiB of TPU VMEM (budget "
+                              f"{TPU_VMEM_BUDGET_BYTES / 2**20:.1f} MiB); using the XLA path", stacklevel=2)
+                return xla_fn(x, weight, styles)
         return _modulated_conv2d_pallas(x, weight, styles, demodulate=demodulate, up=up, down=down,
                                         padding=padding, f=f, backend=backend)
 

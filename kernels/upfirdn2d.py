@@ -13,6 +13,7 @@ Semantics are those of StyleGAN2-ADA's `upfirdn2d` moved to NHWC.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -200,11 +201,33 @@ def _upfirdn2d(x, f, up, down, padding, flip_filter, gain, impl):
     return _upfirdn2d_impl(x, f, up, down, padding, flip_filter, gain, impl)
 
 
+# Mosaic (TPU) holds every block in VMEM, double-buffered. An image whose row tile would not fit is
+# routed to the XLA path when compiling for TPU (with a warning) instead of failing inside Mosaic.
+TPU_VMEM_BUDGET_BYTES = 12 * 2**20
+
+
+def tpu_vmem_estimate(x_shape, f_shape, up, down, padding) -> int:
+    """Bytes of VMEM the TPU kernel needs for one grid step, float32."""
+    plan_y, plan_x = _plans(x_shape, f_shape, up, down, padding)
+    tile_h, tile_w, cb, _ = _tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase, x_shape[3])
+    cols = _phases.round_up(plan_x.out_per_phase, tile_w)
+    x_block = plan_y.down * plan_x.down * (tile_h + plan_y.halo) * (cols + plan_x.halo) * cb
+    out_block = tile_h * plan_y.up * cols * plan_x.up * cb
+    return 4 * (2 * (x_block + out_block) + tile_h * cols * cb)
+
+
 def _upfirdn2d_impl(x, f, up, down, padding, flip_filter, gain, impl):
     def xla_fn(x, f):
         return upfirdn2d_reference(x, f, up, down, padding, flip_filter, gain)
 
     def kernel_fn(x, f, backend):
+        if uses_tpu_layout(backend):
+            need = tpu_vmem_estimate(x.shape, f.shape, up, down, padding)
+            if need > TPU_VMEM_BUDGET_BYTES:
+                warnings.warn(f"upfirdn2d: x {x.shape} needs about {need / 2**20:.1f} MiB of TPU VMEM "
+                              f"(budget {TPU_VMEM_BUDGET_BYTES / 2**20:.1f} MiB); using the XLA path",
+                              stacklevel=2)
+                return xla_fn(x, f)
         return _upfirdn2d_pallas(x, f, up=up, down=down, padding=padding,
                                  flip_filter=flip_filter, gain=gain, backend=backend)
 
