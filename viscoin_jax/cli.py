@@ -14,6 +14,7 @@ import sys
 # sub-command name -> module that defines it
 COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
+    "train": "viscoin_jax.training.train_cli",
 }
 
 

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Compile a config's train step ahead of time for a device topology, without those devices.
+
+Prints the per-device memory XLA plans for the step and the collectives in the compiled program,
+so a mesh / batch size / model size can be checked before a pod is booked.
+
+    python launch/aot_compile.py --config configs/toy_regression.py:fsdp --topology cpu:8
+    python launch/aot_compile.py --config configs/x.py --topology tpu:v5e:4x4 --config.mesh.fsdp=16
+
+Topologies:
+  cpu:N       N fake CPU devices (the script re-executes itself with the XLA flag that makes them)
+  tpu:NAME    a Cloud TPU topology by name (e.g. v5e:4x4, v4:2x2x2), through
+              jax.experimental.topologies; needs libtpu installed (pip install 'jax[tpu]')
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_REEXEC_MARK = "VISCOIN_AOT_REEXEC"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE[:VARIANT]")
+    p.add_argument("--topology", required=True, help="cpu:N or tpu:NAME")
+    p.add_argument("--num-slices", type=int, default=1, help="TPU multi-slice count")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    return p.parse_known_args(argv)
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Occurrences of each collective op (sync, or the -start half of async ones) in HLO text."""
+    counts = {}
+    for name in COLLECTIVES:
+        counts[name] = len(re.findall(rf"\s{name}(?:-start)?\(", hlo_text))
+    return counts
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cpu_devices_or_reexec(count: int, argv: list[str]) -> None:
+    """Makes sure this process has `count` CPU devices, re-executing itself if needed."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag in flags.split() and os.environ.get("JAX_PLATFORMS") == "cpu":
+        return
+    if os.environ.get(_REEXEC_MARK):
+        raise SystemExit(f"aot_compile: could not get {count} CPU devices (XLA_FLAGS={flags!r})")
+    env = dict(os.environ)
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*kept, flag])
+    env["JAX_PLATFORMS"] = "cpu"
+    env[_REEXEC_MARK] = "1"
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
+def _topology_devices(topology: str, num_slices: int):
+    kind, _, name = topology.partition(":")
+    if kind == "cpu":
+        import jax
+        count = int(name)
+        devices = jax.devices("cpu")
+        if len(devices) != count:
+            raise SystemExit(f"aot_compile: expected {count} CPU devices, found {len(devices)}")
+        return devices
+    if kind == "tpu":
+        import importlib.util
+        if importlib.util.find_spec("libtpu") is None:
+            raise SystemExit("aot_compile: TPU topologies need libtpu, which is not installed "
+                             "(pip install 'jax[tpu]'); use --topology cpu:N to check sharding on "
+                             "fake CPU devices instead")
+        from jax.experimental import topologies
+        kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
+        return desc.devices
+    raise SystemExit(f"aot_compile: unknown topology {topology!r} (use cpu:N or tpu:NAME)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
+    kind, _, count = args.topology.partition(":")
+    if kind == "cpu":
+        if not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"aot_compile: bad topology {args.topology!r} (cpu:N with N >= 1)")
+        _cpu_devices_or_reexec(int(count), argv)
+
+    import jax  # only now: the device flags above must be set first
+
+    from viscoin_jax.training import loop, mesh as mesh_lib
+    from viscoin_jax.training.config import load_config
+    from viscoin_jax.training.train_cli import trainer_module
+
+    config = load_config(args.config, overrides)
+    devices = _topology_devices(args.topology, args.num_slices)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    task = trainer_module(config.trainer).make_task(config)
+    compiled_task = loop.compile_task(task, mesh)
+    batch = loop.abstract_global_batch(task, config, mesh)
+    lowered = compiled_task.train_step.trace(compiled_task.abstract_state, batch).lower()
+    compiled = lowered.compile()
+
+    memory = {}
+    stats = compiled.memory_analysis()
+    if stats is not None:
+        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
+            memory[field] = int(getattr(stats, field, 0) or 0)
+        memory["total_bytes"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                                 + memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"]
+                                 + memory["generated_code_size_in_bytes"])
+    params = sum(x.size for x in jax.tree.leaves(compiled_task.abstract_state["task"]))
+    report = {
+        "config": args.config,
+        "topology": args.topology,
+        "devices": len(devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "global_batch": config.train.batch_size,
+        "state_elements": int(params),
+        "memory_per_device": memory,
+        "collectives": count_collectives(compiled.as_text()),
+    }
+    print(f"train step of {args.config} on {args.topology}: mesh {report['mesh']}, "
+          f"global batch {report['global_batch']}, {params:,} state elements")
+    if memory:
+        print("per-device memory: " + ", ".join(
+            f"{k.removesuffix('_size_in_bytes').removesuffix('_bytes')}={_human(v)}"
+            for k, v in memory.items()))
+    else:
+        print("per-device memory: not reported by this backend")
+    print("collectives: " + ", ".join(f"{k}={v}" for k, v in report["collectives"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

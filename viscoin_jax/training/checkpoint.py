@@ -1,0 +1,305 @@
+"""Orbax checkpoints of a training run: what is saved, when old ones go, and restoring them safely.
+
+A checkpoint is one step directory `<workdir>/checkpoints/<step>/` with four items:
+- `state`: the train state pytree (parameters, optimiser state, step, rng key), saved sharded by
+  every process and restorable onto any mesh by passing target shardings;
+- `data`: the data iterator position, one JSON file per process (`get_state()` of a grain
+  iterator, or of any iterator with `get_state`/`set_state`), so a resumed run sees the same
+  batches as an uninterrupted one;
+- `config`: the run's config as JSON;
+- `metadata`: what is needed to rebuild the models without the training code (e.g. for
+  `viscoin-jax explain`), supplied by the task.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash during a
+save leaves the previous checkpoints intact. Restoring checks the directory first and turns every
+failure into `FileNotFoundError` or `CheckpointError` naming the path.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # written by Orbax into a step directory before it is renamed
+ITEMS = ("state", "data", "config", "metadata")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but is incomplete or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The data-iterator item: one JSON file per process.
+
+
+def _encode_data_state(state: Any) -> dict:
+    if isinstance(state, (bytes, bytearray)):
+        return {"format": "bytes", "state": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"format": "json", "state": state}
+
+
+def _decode_data_state(payload: dict, path: Path) -> Any:
+    if not isinstance(payload, dict) or payload.get("format") not in ("bytes", "json"):
+        raise CheckpointError(f"corrupt data-iterator state in {path}")
+    if payload["format"] == "bytes":
+        return base64.b64decode(payload["state"])
+    return payload["state"]
+
+
+def _process_file(directory: Path) -> Path:
+    return Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Saves each process's iterator state (JSON-able dict or bytes) to its own JSON file."""
+
+    def save(self, directory: epath.Path, args: "DataStateSave"):
+        path = _process_file(Path(directory))
+        path.write_text(json.dumps(_encode_data_state(args.state)))
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
+        path = _process_file(Path(directory))
+        if not path.is_file():
+            found = sorted(p.name for p in Path(directory).glob("process_*.json"))
+            raise CheckpointError(f"no data-iterator state for this process at {path} (found "
+                                  f"{found}; was the run saved with another process count?)")
+        try:
+            payload = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"corrupt data-iterator state {path}: {e}") from None
+        return _decode_data_state(payload, path)
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore` returns; items absent from the checkpoint are None."""
+
+    step: int
+    state: Any
+    data_state: Any = None
+    config: dict | None = None
+    metadata: dict | None = None
+
+
+def _to_json(value: Any) -> Any:
+    """Config dicts and metadata as plain JSON (ConfigDicts, tuples and numpy scalars included)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any):
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints in `directory` (see the module docstring).
+
+    Keeps the latest `max_to_keep` checkpoints plus, when `best_metric` is set, the best one by
+    the metric passed to `save(..., metrics=...)` (`best_mode` "max" or "min"). `async_save`
+    returns from `save` once the arrays are copied off the accelerator; the files are written in
+    the background (call `wait()` before reading them).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, best_metric: str = "",
+                 best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        policies: list[Any] = [ocm.LatestN(n=max_to_keep)]
+        best_fn = None
+        if best_metric:
+            best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+            policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                                      keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            # best_fn makes Orbax write each step's metrics to disk (read back after a restart);
+            # which steps are kept is decided by the preservation policy above.
+            best_fn=best_fn,
+            best_mode=best_mode,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            # Unfinished saves of a crashed run are only removed by the writer of the run.
+            cleanup_tmp_directories=not read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    @classmethod
+    def from_config(cls, config: Any, workdir: str | os.PathLike, **kwargs) -> "Checkpointer":
+        c = config.checkpoint
+        return cls(Path(workdir) / CHECKPOINT_SUBDIR, max_to_keep=c.max_to_keep,
+                   best_metric=c.best_metric, best_mode=c.best_mode, async_save=c.async_save,
+                   **kwargs)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints (and of saves this object has in flight)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once a multi-process run was told to stop (JAX's preemption sync
+        point); always False on a single process, where the loop's own SIGTERM flag is used."""
+        if jax.process_count() == 1:
+            return False
+        return self._manager.reached_preemption(step)
+
+    # -- save -----------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, *, data_state: Any = None, metrics: dict | None = None,
+             config: Any = None, metadata: dict | None = None) -> None:
+        """Saves one checkpoint (in the background unless disabled); `metrics` rank it for
+        keep-best."""
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items["data"] = DataStateSave(data_state)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_to_json(config))
+        if metadata is not None:
+            items["metadata"] = ocp.args.JsonSave(_to_json(metadata))
+        ckpt_metrics = None
+        if metrics is not None and self.best_metric and self.best_metric in metrics:
+            ckpt_metrics = {self.best_metric: float(metrics[self.best_metric])}
+        self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=ckpt_metrics,
+                           force=True)
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- restore --------------------------------------------------------------------------------
+
+    def _check_step(self, step: int | None) -> int:
+        self._manager.wait_until_finished()  # a save of ours still in flight is not readable yet
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                unfinished = sorted(p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
+                extra = f" (unfinished saves: {unfinished})" if unfinished else ""
+                raise FileNotFoundError(f"no checkpoint in {self.directory}{extra}")
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"available steps: {steps}")
+        step_dir = self.step_dir(step)
+        if not (step_dir / COMMIT_MARKER).is_file():
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {COMMIT_MARKER}: the "
+                                  "save did not finish); delete it to resume from an earlier step")
+        if not (step_dir / "state").is_dir():
+            raise CheckpointError(f"checkpoint {step_dir} has no 'state' item")
+        return step
+
+    def restore(self, abstract_state: Any = None, step: int | None = None, *,
+                restore_data: bool = True) -> Restored:
+        """Restores `step` (default: the latest) onto the shardings of `abstract_state`.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` (e.g. from
+        `mesh.abstract_with_sharding`); the mesh may differ from the one that saved. With None the
+        arrays come back as saved, which needs the saving mesh's devices.
+        """
+        step = self._check_step(step)
+        step_dir = self.step_dir(step)
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        present = {p.name for p in step_dir.iterdir() if p.is_dir()}
+        if restore_data and "data" in present:
+            items["data"] = DataStateRestore()
+        for name in ("config", "metadata"):
+            if name in present:
+                items[name] = ocp.args.JsonRestore()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointError:
+            raise
+        except Exception as e:  # Orbax / TensorStore raise many kinds; name the path in all of them
+            detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(
+                f"cannot restore checkpoint {step_dir}: {type(e).__name__}: {detail} (the files "
+                "are damaged or do not match the target state; delete {step_dir} to resume from "
+                "an earlier step)".replace("{step_dir}", str(step_dir))) from e
+        get = lambda name: out[name] if name in items else None  # noqa: E731
+        return Restored(step=step, state=get("state"), data_state=get("data"),
+                        config=get("config"), metadata=get("metadata"))
+
+    def read_json(self, step: int | None = None) -> tuple[dict | None, dict | None]:
+        """(config, metadata) of a checkpoint without reading its arrays."""
+        step = self._check_step(step)
+        out = []
+        for name in ("config", "metadata"):
+            path = self.step_dir(step) / name / "metadata"
+            if not path.is_file():
+                out.append(None)
+                continue
+            try:
+                out.append(json.loads(path.read_text()))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"corrupt {name} JSON {path}: {e}") from None
+        return out[0], out[1]
+
+
+__all__ = ["Checkpointer", "CheckpointError", "Restored", "CHECKPOINT_SUBDIR", "DataStateHandler",
+           "DataStateSave", "DataStateRestore"]

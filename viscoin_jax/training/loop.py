@@ -1,0 +1,375 @@
+"""The generic training loop shared by every trainer, and the small `Task` interface it drives.
+
+A trainer (classifier, StyleGAN2, VisCoIN, the toy regression) is a `Task`: it builds its state,
+defines one training step as a pure function, and supplies batches. The loop does the rest, the
+same way for all of them: mesh, sharded initialisation, resuming, the jitted step, metrics,
+evaluation, image samples, checkpoints, preemption and the NaN guard.
+
+The loop's train state is a dict `{"step": int32[], "rng": uint32[2], "task": <task state>}`.
+The rng passed to `Task.train_step` is `fold_in(rng, step)`, so a resumed run draws exactly the
+random numbers an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from . import mesh as mesh_lib
+from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
+from .config import config_to_dict, save_config
+from .monitor import (Progress, check_finite, create_default_writer, mean_metrics, to_host,
+                      write_image_grid)
+
+log = logging.getLogger("viscoin_jax.train")
+
+PyTree = Any
+
+
+class Task:
+    """What a trainer provides. Subclass it and implement the three required methods.
+
+    Required:
+      init(rng) -> state
+          Builds the task state (parameters, optimiser states, EMA copies, ...) as a pytree of
+          arrays. Runs under `jax.jit` with the sharding rule as `out_shardings`, so it must be a
+          pure function of `rng` (keep nnx graphdefs on `self`, e.g. made in `__init__` with
+          `nnx.eval_shape` + `nnx.split`).
+      train_step(state, batch, rng) -> (state, metrics)
+          One optimisation step; pure and jittable. `batch` is the global batch (sharded over the
+          mesh), `metrics` a dict of scalars (batch means). Every metric is checked for NaN/Inf.
+      make_train_iterator(data_state) -> iterator
+          Yields this process's part of each global batch (`mesh.local_batch_size`) as a dict of
+          numpy arrays. `data_state` is None for a fresh run, else what the iterator's
+          `get_state()` returned when the checkpoint was saved: restore the position from it.
+          Iterators without `get_state` restart from the beginning on resume (with a warning).
+
+    Optional (the defaults disable the feature):
+      eval_step(state, batch) -> metrics      jittable; metrics are batch means
+      make_eval_iterator() -> iterable        a finite pass over the evaluation data (each process
+                                              its part; the same number of batches everywhere,
+                                              all of one size divisible by the device count)
+      sample_images(state) -> {name: images}  from the task state, called outside jit: NHWC images
+                                              in [-1, 1], written as PNG grids
+      model_metadata() -> dict                saved with each checkpoint: what is needed to rebuild
+                                              the models without the training code
+      state_shardings(abstract_state, mesh)   replaces the default FSDP rule
+      abstract_batch() -> pytree              `jax.ShapeDtypeStruct`s of a global batch (for
+                                              ahead-of-time compilation without reading data)
+    """
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # -- required -------------------------------------------------------------------------------
+    def init(self, rng: jax.Array) -> PyTree:
+        raise NotImplementedError
+
+    def train_step(self, state: PyTree, batch: PyTree, rng: jax.Array
+                   ) -> tuple[PyTree, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def make_train_iterator(self, data_state: Any | None) -> Iterator[PyTree]:
+        raise NotImplementedError
+
+    # -- optional -------------------------------------------------------------------------------
+    eval_step = None  # (state, batch) -> metrics
+
+    def make_eval_iterator(self) -> Iterable[PyTree] | None:
+        return None
+
+    def sample_images(self, state: PyTree) -> dict[str, Any] | None:
+        return None
+
+    def model_metadata(self) -> dict:
+        return {}
+
+    def state_shardings(self, abstract_state: PyTree, mesh: Mesh) -> PyTree:
+        return mesh_lib.fsdp_sharding(abstract_state, mesh, self.config.mesh.fsdp_min_size)
+
+    def abstract_batch(self) -> PyTree | None:
+        return None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: PyTree  # the loop's train state {"step", "rng", "task"}
+    step: int
+    train_metrics: dict[str, float]  # means over the last logging window
+    eval_metrics: dict[str, float]  # the last evaluation ({} if none ran)
+    preempted: bool  # stopped early by SIGTERM / a preemption notice (after saving)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled functions
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The jitted functions of a task on a mesh, plus the abstract state they work on."""
+
+    mesh: Mesh
+    abstract_state: PyTree  # ShapeDtypeStructs carrying their shardings
+    state_shardings: PyTree
+    init: Any  # jitted (rng key data) -> state
+    train_step: Any  # jitted (state, batch) -> (state, metrics); donates state
+    eval_step: Any  # jitted (state, batch) -> metrics, or None
+
+
+def _loop_state_init(task: Task):
+    def init(rng_data):
+        init_key, train_key = jax.random.split(jax.random.wrap_key_data(rng_data))
+        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(train_key),
+                "task": task.init(init_key)}
+    return init
+
+
+def compile_task(task: Task, mesh: Mesh) -> Compiled:
+    """Traces `task.init` for shapes, derives shardings and jits init / train step / eval step."""
+    init = _loop_state_init(task)
+    rng_data = jax.random.key_data(jax.random.key(0))
+    shapes = jax.eval_shape(init, rng_data)
+    repl = mesh_lib.replicated(mesh)
+    shardings = {"step": repl, "rng": repl, "task": task.state_shardings(shapes["task"], mesh)}
+    batch = mesh_lib.batch_sharding(mesh)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        task_state, metrics = task.train_step(state["task"], batch, rng)
+        return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, metrics
+
+    eval_step = None
+    if task.eval_step is not None:
+        eval_step = jax.jit(lambda state, batch: task.eval_step(state["task"], batch),
+                            in_shardings=(shardings, batch), out_shardings=repl)
+    return Compiled(
+        mesh=mesh,
+        abstract_state=mesh_lib.abstract_with_sharding(shapes, shardings),
+        state_shardings=shardings,
+        init=jax.jit(init, out_shardings=shardings),
+        train_step=jax.jit(train_step, in_shardings=(shardings, batch),
+                           out_shardings=(shardings, repl), donate_argnums=0),
+        eval_step=eval_step,
+    )
+
+
+def abstract_global_batch(task: Task, config: Any, mesh: Mesh) -> PyTree:
+    """Shapes of one global batch, sharded like the loop's batches (for AOT lowering)."""
+    shapes = task.abstract_batch()
+    if shapes is None:  # read one local batch and scale its leading dim to the global batch
+        local = next(iter(task.make_train_iterator(None)))
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]),
+                                           x.dtype), local)
+    sharding = mesh_lib.batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption
+
+
+@contextmanager
+def preemption_flag():
+    """A `threading.Event` set by SIGTERM while the block runs (single-process runs).
+
+    Multi-process runs leave SIGTERM to JAX's preemption service, which all processes consult at
+    the same step through `Checkpointer.reached_preemption`.
+    """
+    flag = threading.Event()
+    install = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    previous = None
+    if install:
+        def handler(signum, frame):
+            log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+            flag.set()
+        previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _check_batch_size(batch: PyTree, batch_size: int) -> None:
+    """Every global batch must have config.train.batch_size rows (else the step recompiles)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(batch):
+        if x.shape[0] != batch_size:
+            raise ValueError(f"batch entry {jax.tree_util.keystr(path)} has {x.shape[0]} rows "
+                             f"in the global batch, config.train.batch_size is {batch_size} "
+                             "(drop or pad the last partial batch)")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def evaluate(task: Task, compiled: Compiled, state: PyTree) -> dict[str, float]:
+    """Runs `eval_step` over `make_eval_iterator()`; the mean of the per-batch metrics."""
+    batches = task.make_eval_iterator()
+    if compiled.eval_step is None or batches is None:
+        return {}
+    history = []
+    for i, local in enumerate(batches):
+        batch = mesh_lib.make_global_batch(local, compiled.mesh)
+        history.append((i, compiled.eval_step(state, batch)))
+    if not history:
+        raise ValueError("make_eval_iterator() yielded no batches")
+    return {f"eval/{k}": v for k, v in mean_metrics(to_host(history)).items()}
+
+
+def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | None = None
+                 ) -> TrainResult:
+    """Trains `task` to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
+
+    Writes into `workdir`: `config.json`, TensorBoard events, `checkpoints/<step>/`, and image
+    grids under `images/`. Raises `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
+    """
+    workdir = Path(workdir)
+    train_cfg = config.train
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    mesh_lib.local_batch_size(train_cfg.batch_size, mesh)  # fails early on an uneven batch
+    is_main = jax.process_index() == 0
+    if is_main:
+        save_config(config, workdir)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+             jax.process_count())
+
+    compiled = compile_task(task, mesh)
+    writer = create_default_writer(workdir)
+    checkpointer = Checkpointer.from_config(config, workdir)
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
+            data_state = None
+            writer.write_hparams(_flatten(config_to_dict(config)))
+        else:
+            restored = checkpointer.restore(compiled.abstract_state, latest)
+            state, data_state = restored.state, restored.data_state
+            log.info("resumed from %s", checkpointer.step_dir(latest))
+        iterator = task.make_train_iterator(data_state)
+        if latest is not None and data_state is None:
+            log.warning("the checkpoint has no data-iterator state: the data restarts")
+        return _train(task, config, workdir, compiled, state, iterator, checkpointer, writer,
+                      last_checkpoint=latest, is_main=is_main)
+    finally:
+        checkpointer.close()  # waits for asynchronous saves: the last good checkpoint is on disk
+        writer.close()
+
+
+def _train(task, config, workdir, compiled, state, iterator, checkpointer, writer, *,
+           last_checkpoint, is_main) -> TrainResult:
+    train_cfg = config.train
+    num_steps = train_cfg.num_steps
+    step = int(to_host(state["step"]))
+    metadata = task.model_metadata()
+    config_json = config_to_dict(config)
+    progress = Progress(num_steps, writer=writer, every_steps=train_cfg.progress_every)
+    get_data_state = getattr(iterator, "get_state", None)
+    unchecked: list = []  # (step, device metrics) not yet checked for NaN
+    window: list = []  # (step, host metrics) since the last log
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+
+    with preemption_flag() as sigterm:
+        while step < num_steps:
+            try:
+                local_batch = next(iterator)
+            except StopIteration:
+                raise ValueError(f"the training iterator ran out before step {step + 1} of "
+                                 f"{num_steps}; make_train_iterator must repeat the data") from None
+            batch = mesh_lib.make_global_batch(local_batch, compiled.mesh)
+            _check_batch_size(batch, train_cfg.batch_size)
+            state, metrics = compiled.train_step(state, batch)
+            step += 1
+            unchecked.append((step, metrics))
+
+            last = step == num_steps
+            preempted = sigterm.is_set() or checkpointer.reached_preemption(step)
+            save = _every(step, config.checkpoint.every) or last or preempted
+            if save or last or _every(step, train_cfg.log_every):
+                host = to_host(unchecked)
+                unchecked = []
+                check_finite(host, last_checkpoint)  # before anything is saved
+                window.extend(host)
+            if window and (_every(step, train_cfg.log_every) or last or preempted):
+                train_metrics = mean_metrics(window)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.items()})
+                window = []
+
+            step_eval = {}
+            if _every(step, train_cfg.eval_every) or (last and train_cfg.eval_every > 0):
+                step_eval = eval_metrics = evaluate(task, compiled, state)
+                if eval_metrics:
+                    writer.write_scalars(step, eval_metrics)
+            if _every(step, train_cfg.sample_every) or (last and train_cfg.sample_every > 0):
+                for name, images in (task.sample_images(state["task"]) or {}).items():
+                    write_image_grid(writer if is_main else None, step, name, images,
+                                     workdir / "images" if is_main else None)
+            if save:
+                checkpointer.save(step, state,
+                                  data_state=get_data_state() if get_data_state else None,
+                                  metrics=step_eval or None, config=config_json, metadata=metadata)
+                last_checkpoint = step
+            progress(step)
+            if preempted:
+                log.warning("stopping at step %d after a preemption notice (checkpoint saved)",
+                            step)
+                break
+    writer.flush()
+    return TrainResult(state=state, step=step, train_metrics=train_metrics,
+                       eval_metrics=eval_metrics, preempted=preempted and step < num_steps)
+
+
+def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
+                 ) -> tuple[Any, Task, Restored]:
+    """Rebuilds a finished (or running) run from its workdir, for explanation and evaluation.
+
+    Reads the saved config, builds the trainer's task from it (`make_task(config)` of the module
+    registered for `config.trainer`) and restores checkpoint `step` (default: the latest) onto
+    `mesh` (default: `config.mesh` over the devices present, which may differ from the run's).
+    Returns (config, task, restored); `restored.state["task"]` is the task state.
+    """
+    from .config import load_saved_config
+    from .train_cli import trainer_module
+
+    config = load_saved_config(workdir)
+    task = trainer_module(config.trainer).make_task(config)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+    abstract = compile_task(task, mesh).abstract_state
+    checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_SUBDIR, read_only=True)
+    try:
+        restored = checkpointer.restore(abstract, step, restore_data=False)
+    finally:
+        checkpointer.close()
+    return config, task, restored
+
+
+__all__ = ["Task", "TrainResult", "Compiled", "compile_task", "abstract_global_batch",
+           "preemption_flag", "evaluate", "run_training", "load_trained"]
