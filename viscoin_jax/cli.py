@@ -15,6 +15,9 @@ import sys
 COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
     "train": "viscoin_jax.training.train_cli",
+    "explain": "viscoin_jax.explain.run",
+    "run": "viscoin_jax.pipeline",
+    "convert": "viscoin_jax.convert.cli",
 }
 
 

@@ -1,0 +1,62 @@
+"""The whole pipeline on the embedded synthetic data, sized for a 2-core CPU.
+
+    viscoin-jax run --config configs/demo.py --workdir runs/demo
+    viscoin-jax run --config configs/demo.py:quick --workdir /tmp/demo   # the CI-sized version
+
+Each stage is the config file of its trainer (configs/<trainer>_synthetic.py) with the overrides
+below; `viscoin-jax train --config configs/<file>` runs any one of them alone.
+"""
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from viscoin_jax.training.config import load_config
+
+HERE = Path(__file__).resolve().parent
+
+# stage -> (config file[:variant], available?)
+STAGES = {
+    "classifier": "classifier_synthetic.py:resnet",
+    "iresnet": "classifier_synthetic.py:iresnet",
+    "stylegan2": "stylegan2_synthetic.py",
+    "viscoin": "viscoin_synthetic.py",
+}
+
+
+def _stage(spec: str) -> ConfigDict:
+    path, _, variant = spec.partition(":")
+    return load_config(str(HERE / path) + (f":{variant}" if variant else ""), [])
+
+
+def get_config(arg=None):
+    c = ConfigDict()
+    order = [s for s in STAGES if (HERE / STAGES[s].partition(":")[0]).is_file()]
+    c.stage_order = order
+    c.stages = ConfigDict()
+    for name in order:
+        stage = _stage(STAGES[name])
+        with stage.unlocked():
+            if arg == "quick":  # a few steps per stage: checks the plumbing, not the quality
+                stage.train.num_steps = 4
+                stage.train.eval_every = 0
+                stage.train.sample_every = 0
+                stage.train.log_every = 2
+                stage.checkpoint.every = 4
+                if "eval" in stage and "max_batches" in stage.eval:
+                    stage.eval.max_batches = 1
+        c.stages[name] = stage
+    c.explain = ConfigDict(dict(
+        enabled=True,
+        images="synthetic/blob_binary:test:16",
+        count=16 if arg != "quick" else 4,
+        classifier_methods=["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion",
+                            "deletion_insertion"] if arg != "quick" else ["gradient", "grad_cam"],
+        iresnet_methods=["gradient", "integrated_gradients", "iresnet_counterfactual"] if arg != "quick"
+        else ["iresnet_counterfactual"],
+        viscoin_methods=["concepts", "faithfulness", "latent_direction", "interpolation"] if arg != "quick"
+        else ["concepts"],
+    ))
+    if arg not in (None, "", "quick"):
+        raise ValueError(f"unknown variant {arg!r} of demo (choose quick or nothing)")
+    return c

@@ -1,0 +1,97 @@
+"""`viscoin-jax explain` from a classifier checkpoint, in a new process; bad input fails clearly."""
+
+import html.parser
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from viscoin_jax.explain import run as explain_run
+from viscoin_jax.training import classifier
+from viscoin_jax.training.config import load_config
+from viscoin_jax.training.loop import run_training
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache: the repeated and resumed runs compile their step once."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes"]
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("clf")
+    config = load_config("configs/classifier_synthetic.py", [
+        "--config.model.width=4", "--config.train.batch_size=8", "--config.train.num_steps=2",
+        "--config.train.eval_every=0", "--config.checkpoint.every=2", "--config.checkpoint.async_save=False",
+        "--config.data.synthetic_size=64"])
+    run_training(classifier.make_task(config), config, workdir)
+    return workdir
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.count += tag == "img" and dict(attrs).get("src", "").startswith("data:image/png;base64,")
+
+
+def test_explain_in_a_new_process_writes_report_and_arrays(checkpoint, tmp_path):
+    out = tmp_path / "report"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "viscoin_jax.cli", "explain", "--checkpoint", str(checkpoint),
+           "--images", "synthetic/blob_binary:test:3", "--methods", "gradient", "grad_cam", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    assert parser.count == 3 * 3  # inputs + two heat-map grids
+    with np.load(out / "grad_cam.npz") as arrays:
+        assert arrays["maps"].shape == (3, 32, 32) and np.all(arrays["maps"] >= 0)  # ReLU'd CAM
+
+
+def test_explain_maps_equal_the_library_functions(checkpoint, tmp_path):
+    from viscoin_jax.explain import attributions as attr
+    from viscoin_jax.explain.report import Report
+    from viscoin_jax.training.common import restore_task_state
+
+    task, state, config, _ = restore_task_state(checkpoint)
+    data = explain_run.load_images("synthetic/blob_binary:test:2", 32)
+    explain_run.explain_classifier(task, state, data, ["gradient"], Report("t"), tmp_path)
+    fn, _ = explain_run.classifier_functions(task, state)
+    pred = np.asarray(fn(data["images"])).argmax(-1)
+    expected = np.asarray(attr.vanilla_gradient(fn, data["images"], pred, reduce="abs_max"))
+    with np.load(tmp_path / "gradient.npz") as arrays:
+        np.testing.assert_allclose(arrays["maps"], expected, rtol=1e-6)
+
+
+def test_bad_input_gives_clear_errors(checkpoint, tmp_path):
+    npz = tmp_path / "wrong.npz"
+    np.savez(npz, images=np.zeros((2, 48, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="images are 48x48 but the model takes 32x32"):
+        explain_run.explain(str(checkpoint), str(npz), ["gradient"], str(tmp_path / "o"))
+    np.savez(npz, images=np.zeros((2, 32, 32, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\] RGB"):
+        explain_run.explain(str(checkpoint), str(npz), ["gradient"], str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="needs an i-ResNet checkpoint"):
+        explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["iresnet_counterfactual"],
+                            str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        explain_run.explain(str(tmp_path / "nothing"), "synthetic/blob_binary:test:2", ["gradient"],
+                            str(tmp_path / "o"))

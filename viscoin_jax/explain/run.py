@@ -1,0 +1,254 @@
+"""`viscoin-jax explain`: explain a trained classifier from its Orbax checkpoint.
+
+    viscoin-jax explain --checkpoint runs/clf --images synthetic/blob_binary:test:16 \\
+        --methods gradient smoothgrad integrated_gradients grad_cam occlusion --out runs/report
+
+Writes `OUT/report.html` (self-contained, images embedded) and one `OUT/<method>.npz` per method
+with the raw arrays. `--images` is a synthetic split (`synthetic/<variant>:<split>[:count]`), a
+folder of images, or an `.npz` holding `images` (NHWC, uint8 or [-1, 1]) and optionally `labels`.
+Every method is also a plain function (`viscoin_jax.explain.attributions`, ...), usable from a
+notebook; this module only loads, runs and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion",
+                      "sanity_check", "deletion_insertion", "iresnet_counterfactual")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def load_images(spec: str, resolution: int, count: int | None = None) -> dict[str, Any]:
+    """{'images': float32 [N, R, R, 3] in [-1, 1], 'labels': int [N] or None, 'factors': dict or None}."""
+    if spec.startswith("synthetic/"):
+        from ..data.synthetic import SyntheticConcepts
+
+        parts = spec[len("synthetic/"):].split(":")
+        variant, split = parts[0], parts[1] if len(parts) > 1 else "test"
+        n = int(parts[2]) if len(parts) > 2 else (count or 16)
+        source = SyntheticConcepts(variant, resolution=resolution, size=max(n, 1), split=split)
+        items = [source[i] for i in range(n)]
+        images = np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1.0
+        labels = np.asarray([it["label"] for it in items], np.int32)
+        factors = {k: np.asarray([it["factors"][k] for it in items]) for k in items[0]["factors"]}
+        return {"images": images, "labels": labels, "factors": factors}
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--images {spec}: no such file or folder (or use synthetic/<variant>:<split>)")
+    labels = None
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+        if not files:
+            raise ValueError(f"--images {spec}: the folder holds no .png/.jpg/.tif images")
+        arrays = []
+        for f in files[:count] if count else files:
+            try:
+                arrays.append(np.asarray(Image.open(f).convert("RGB")))
+            except OSError as e:
+                raise ValueError(f"cannot read image {f}: {e}") from None
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"--images {spec}: images of different sizes {sorted(shapes)}")
+        images = np.stack(arrays)
+    elif path.suffix == ".npz":
+        with np.load(path) as data:
+            if "images" not in data:
+                raise ValueError(f"{path} has no 'images' array (has {sorted(data.files)})")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data else None
+    else:
+        raise ValueError(f"--images {spec}: expected a folder, an .npz or synthetic/<variant>:<split>")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3] RGB, got shape {images.shape}")
+    if images.shape[1:3] != (resolution, resolution):
+        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model takes "
+                         f"{resolution}x{resolution}")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 127.5 - 1.0
+    elif images.min() < -1.001 or images.max() > 1.001:
+        raise ValueError("float images must be in [-1, 1]")
+    if count:
+        images = images[:count]
+        labels = labels[:count] if labels is not None else None
+    return {"images": images.astype(np.float32), "labels": labels, "factors": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier explanations
+
+
+def classifier_functions(task, state):
+    """Pure callables of a trained classifier (frozen weights): logits, and (features, logits)."""
+    from ..training.classifier import classifier_logits
+
+    model = task.model(state)
+
+    def classifier_fn(images):
+        return classifier_logits(model, images, train=False)
+
+    def features_and_logits_fn(images):
+        out = model(images, train=False)
+        return (out[1], out[0]) if isinstance(out, tuple) else ({}, out)
+
+    return classifier_fn, features_and_logits_fn
+
+
+def explain_classifier(task, state, data, methods, report, out: Path, *, key: int = 0) -> dict:
+    from ..metrics import attribution_metrics
+    from . import attributions as attr
+    from .report import save_arrays
+
+    classifier_fn, feats_fn = classifier_functions(task, state)
+    images = jnp.asarray(data["images"])
+    logits = np.asarray(jax.jit(classifier_fn)(images))
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    pred = logits.argmax(-1)
+    captions = [f"pred {p} ({probs[i, p]:.2f})" + (f", label {data['labels'][i]}" if data["labels"] is not None
+                                                   else "") for i, p in enumerate(pred)]
+    report.add_image_grid("Inputs", data["images"], captions, cols=8)
+    summary = {}
+    if data["labels"] is not None:
+        summary["accuracy on these images"] = float(np.mean(pred == data["labels"]))
+    maps = {}
+    is_resnet = task.config.model.name == "resnet"
+    for name in methods:
+        t0 = time.perf_counter()
+        if name == "gradient":
+            maps[name] = attr.vanilla_gradient(classifier_fn, images, pred, reduce="abs_max")
+        elif name == "smoothgrad":
+            maps[name] = attr.smoothgrad(classifier_fn, images, pred, key=key, num_samples=16, reduce="abs_max")
+        elif name == "integrated_gradients":
+            ig = attr.integrated_gradients(classifier_fn, images, pred, num_steps=64)
+            gap = attr.completeness_gap(classifier_fn, images, ig, pred)
+            summary["integrated_gradients completeness gap (max |.|)"] = float(np.max(np.abs(np.asarray(gap))))
+            maps[name] = attr.reduce_channels(ig, "sum")
+        elif name == "grad_cam":
+            if not is_resnet:
+                raise ValueError("grad_cam needs a ResNet checkpoint (named stages)")
+            maps[name] = attr.grad_cam(feats_fn, images, "stage4", pred)
+        elif name == "occlusion":
+            size = images.shape[1]
+            maps[name] = attr.occlusion(classifier_fn, images, pred, patch_size=max(size // 8, 2),
+                                        stride=max(size // 16, 1))
+        elif name in ("sanity_check", "deletion_insertion", "iresnet_counterfactual"):
+            continue  # handled below, after the maps they need
+        else:
+            raise ValueError(f"unknown method {name!r} for a classifier checkpoint; known: {CLASSIFIER_METHODS}")
+        maps[name] = np.asarray(maps[name])
+        save_arrays(out, name, maps=maps[name], images=data["images"], predictions=pred)
+        report.add_heatmaps(data["images"], maps[name], captions, title=f"{name} (target: predicted class)",
+                            cols=8, signed=(name == "integrated_gradients"))
+        log.info("%s: %.1fs", name, time.perf_counter() - t0)
+    if "deletion_insertion" in methods:
+        if not maps:
+            raise ValueError("deletion_insertion needs an attribution method in --methods")
+        rows = []
+        for name, m in maps.items():
+            auc = {mode: float(np.mean(np.asarray(attribution_metrics.deletion_insertion(
+                classifier_fn, images, m, pred, mode=mode, num_steps=16).auc)))
+                for mode in ("deletion", "insertion")}
+            rows.append([name, auc["deletion"], auc["insertion"]])
+        report.add_table(rows, ["method", "deletion AUC (lower is better)", "insertion AUC (higher is better)"],
+                         title="Deletion / insertion (RISE)")
+        summary.update({f"{r[0]} deletion AUC": r[1] for r in rows})
+    if "iresnet_counterfactual" in methods:
+        summary.update(_iresnet_counterfactuals(task, state, data, report, out))
+    report.add_metrics(summary, title="Summary")
+    return summary
+
+
+def _iresnet_counterfactuals(task, state, data, report, out: Path) -> dict:
+    if task.config.model.name != "iresnet":
+        raise ValueError("iresnet_counterfactual needs an i-ResNet checkpoint, got a "
+                         f"{task.config.model.name!r} classifier")
+    from ..metrics.counterfactual_metrics import proximity
+    from . import iresnet_counterfactual as icf
+    from .report import save_arrays
+
+    model = task.model(state)
+    images = jnp.asarray(data["images"])
+    labels = data["labels"]
+    logits = np.asarray(model(images))
+    pred = logits.argmax(-1)
+    target = (pred + 1) % logits.shape[-1]
+    means, _ = icf.class_means(model.forward, images, pred if labels is None else labels, logits.shape[-1])
+    result = icf.counterfactuals(model.forward, model.head, lambda z: model.inverse(z), images, target,
+                                 method="closed_form", means=means, source=pred)
+    cfs = np.asarray(result.images)
+    save_arrays(out, "iresnet_counterfactual", images=data["images"], counterfactuals=cfs, target=target)
+    report.add_image_grid("i-ResNet counterfactuals (to the other class)", np.concatenate([data["images"], cfs]),
+                          [f"input, pred {p}" for p in pred] + [f"counterfactual -> {t}" for t in target],
+                          cols=len(pred))
+    return {"i-ResNet counterfactual validity": float(np.mean(np.asarray(result.valid))),
+            "i-ResNet inverse converged": float(np.mean(np.asarray(result.converged))),
+            "i-ResNet counterfactual L1": float(np.mean(np.asarray(proximity(images, cfs)["l1"])))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None) -> Path:
+    """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays."""
+    from ..training.common import restore_task_state
+    from .report import Report
+
+    out_dir = Path(out)
+    task, state, config, metadata = restore_task_state(checkpoint)
+    resolution = int(config.data.resolution)
+    data = load_images(images, resolution, count)
+    report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
+    report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
+                              f"methods {', '.join(methods)}")
+    if config.trainer == "classifier":
+        explain_classifier(task, state, data, methods, report, out_dir)
+    elif config.trainer == "viscoin":
+        from .viscoin_report import explain_viscoin
+
+        explain_viscoin(task, state, data, methods, report, out_dir)
+    else:
+        raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
+                         "a viscoin checkpoint")
+    path = report.write(out_dir)
+    print(f"report: {path}")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        explain(args.checkpoint, args.images, args.methods, args.out, count=args.count)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("explain", help="explain a trained classifier from its checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run's workdir (or its checkpoints/ folder)")
+    p.add_argument("--images", required=True, help="synthetic/<variant>:<split>[:N], a folder, or an .npz")
+    p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"])
+    p.add_argument("--out", required=True, help="output folder for report.html and the npz arrays")
+    p.add_argument("--count", type=int, default=None, help="use at most this many images")
+    p.set_defaults(func=main)

@@ -1,0 +1,117 @@
+"""`viscoin-jax run`: the whole pipeline from one config, stage by stage, resumable.
+
+    viscoin-jax run --config configs/demo.py --workdir runs/demo
+
+Stages (each a sub-config of `config.stages`, trained by the trainer its `trainer` field names, in
+`WORKDIR/<stage>`): classifier (ResNet), iresnet, stylegan2, viscoin, then `explain` on held-out
+images, written to `WORKDIR/report/`. A stage whose run has reached its last step and finished its
+evaluation (`WORKDIR/<stage>/DONE`) is skipped, so an interrupted pipeline picks up where it
+stopped (an unfinished stage resumes from its own latest checkpoint). Later stages read earlier
+ones through `*_workdir` fields filled in here (`viscoin.classifier_workdir`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("viscoin_jax.run")
+
+DONE = "DONE"
+# stage field -> stage whose workdir it receives
+LINKS = {"classifier_workdir": "classifier", "generator_workdir": "stylegan2"}
+
+
+def stage_done(workdir: Path) -> bool:
+    return (workdir / DONE).is_file()
+
+
+def run_stage(name: str, config: Any, workdir: Path) -> dict:
+    from .training.train_cli import trainer_module
+
+    t0 = time.perf_counter()
+    log.info("stage %s: training in %s", name, workdir)
+    out = trainer_module(config.trainer).train(config, str(workdir))
+    metrics = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else {}
+    summary = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "metrics": metrics}
+    (workdir / DONE).write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def run_pipeline(config: Any, workdir: str | Path) -> dict:
+    """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
+    from .training.config import save_config
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    summary = {}
+    order = list(config.stage_order)
+    for name in order:
+        if name not in config.stages:
+            raise ValueError(f"config.stage_order names {name!r}, which is not in config.stages")
+        stage_cfg = config.stages[name]
+        stage_dir = workdir / name
+        with stage_cfg.unlocked():
+            for field, source in LINKS.items():
+                if field in stage_cfg and not stage_cfg[field]:
+                    if source not in order:
+                        raise ValueError(f"stage {name!r} needs stage {source!r} ({field})")
+                    stage_cfg[field] = str(workdir / source)
+        if stage_done(stage_dir):
+            log.info("stage %s: complete, skipped (%s)", name, stage_dir / DONE)
+            summary[name] = json.loads((stage_dir / DONE).read_text())
+            continue
+        summary[name] = run_stage(name, stage_cfg, stage_dir)
+    if config.explain.enabled:
+        summary["explain"] = run_explanations(config, workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    log.info("pipeline finished: %s", workdir / "summary.json")
+    return summary
+
+
+def run_explanations(config: Any, workdir: Path) -> dict:
+    from .explain.run import explain
+
+    out = {}
+    e = config.explain
+    for stage, methods in (("classifier", list(e.classifier_methods)), ("iresnet", list(e.iresnet_methods)),
+                           ("viscoin", list(e.viscoin_methods))):
+        if stage not in config.stage_order or not methods:
+            continue
+        report = explain(str(workdir / stage), e.images, methods, str(workdir / "report" / stage),
+                         count=int(e.count))
+        out[stage] = str(report)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from .training.config import load_config, parse_override_args
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    overrides = list(getattr(args, "unknown", []) or [])
+    try:
+        parse_override_args(overrides)
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"viscoin-jax run: error: {e}", file=sys.stderr)
+        return 2
+    from .training.distributed import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    run_pipeline(config, args.workdir)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run the whole pipeline (classifiers, StyleGAN2, VisCoIN, "
+                              "explanations) from one config", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE[:VARIANT]")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(func=main, allow_unknown=True)

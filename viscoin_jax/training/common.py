@@ -1,0 +1,139 @@
+"""Pieces every trainer shares: data batches for the loop, optimisers, and restoring a run's models.
+
+A trainer module (`classifier`, `stylegan2`, `viscoin`) defines a `Task` and exposes
+`make_task(config)`, `train(config, workdir)` and `load(workdir)`; `load` goes through
+`restore_task_state`, which rebuilds the task from the config saved in the checkpoint and restores
+its state onto the devices of the current process, whatever mesh saved it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from ..data import pipeline
+from . import mesh as mesh_lib
+from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer
+from .config import config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+class DataBatches:
+    """A grain iterator seen by the loop: numpy batches restricted to `keys`, resumable as JSON."""
+
+    def __init__(self, iterator, keys: Sequence[str]):
+        self.iterator, self.keys = iterator, tuple(keys)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        missing = [k for k in self.keys if k not in batch]
+        if missing:
+            raise KeyError(f"data batches lack {missing}; they have {sorted(batch)}")
+        return {k: np.asarray(batch[k]) for k in self.keys}
+
+    def get_state(self) -> dict:
+        return pipeline.iterator_state(self.iterator)
+
+    def set_state(self, state: dict) -> None:
+        pipeline.restore_iterator(self.iterator, state)
+
+
+def train_batches(config: Any, data_state: Any, keys=("image", "label"), seed_offset: int = 0
+                  ) -> DataBatches:
+    """The training stream of `config.data` (this process's rows of each global batch)."""
+    local = mesh_lib.local_batch_size(config.train.batch_size)
+    data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
+    data.update(batch_size=local, train=True, seed=int(data.get("seed", 0)) + seed_offset)
+    it = pipeline.make_iterator(data, state=data_state)
+    return DataBatches(it, keys)
+
+
+def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None):
+    """One pass over the evaluation split (`config.eval.split`), same batch count on every host."""
+    data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
+    data.update(split=config.eval.split, train=False, drop_remainder=True,
+                batch_size=mesh_lib.local_batch_size(config.eval.batch_size))
+    it = DataBatches(pipeline.make_iterator(data), keys)
+    for i, batch in enumerate(it):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def make_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:
+    """Adam/AdamW/SGD with an optional linear warm-up and cosine decay, from `config.optim`."""
+    lr = float(optim.learning_rate)
+    warmup = int(optim.get("warmup_steps", 0))
+    schedule_name = optim.get("schedule", "constant")
+    if schedule_name == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1))
+    elif schedule_name == "constant":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                         optax.constant_schedule(lr)], [max(warmup, 1)]) if warmup else lr
+    else:
+        raise ValueError(f"unknown optim.schedule {schedule_name!r}; known: constant, cosine")
+    name = optim.get("name", "adam")
+    b1, b2 = float(optim.get("b1", 0.9)), float(optim.get("b2", 0.999))
+    if name == "adam":
+        tx = optax.adam(schedule, b1=b1, b2=b2, eps=float(optim.get("eps", 1e-8)))
+    elif name == "adamw":
+        tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=float(optim.get("weight_decay", 0.0)))
+    elif name == "sgd":
+        tx = optax.sgd(schedule, momentum=float(optim.get("momentum", 0.9)), nesterov=True)
+        if float(optim.get("weight_decay", 0.0)):
+            tx = optax.chain(optax.add_decayed_weights(float(optim.weight_decay)), tx)
+    else:
+        raise ValueError(f"unknown optim.name {name!r}; known: adam, adamw, sgd")
+    clip = float(optim.get("grad_clip", 0.0))
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accepts a run's workdir or its `checkpoints/` directory; returns the latter."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+        return path / CHECKPOINT_SUBDIR
+    return path
+
+
+def restore_task_state(path: str | Path, step: int | None = None, expected_trainer: str | None = None):
+    """(task, task_state, config, metadata) of a run, on this process's devices.
+
+    The config saved with the checkpoint rebuilds the task (no training code path is run); the
+    arrays are restored replicated on the local devices, whatever mesh saved them.
+    """
+    from .train_cli import trainer_module
+
+    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    try:
+        config_json, metadata = ckpt.read_json(step)
+        if config_json is None:
+            raise FileNotFoundError(f"checkpoint in {path} has no saved config")
+        config = config_from_dict(config_json)
+        if expected_trainer is not None and config.trainer != expected_trainer:
+            raise ValueError(f"{path} holds a {config.trainer!r} run, expected {expected_trainer!r}")
+        task = trainer_module(config.trainer).make_task(config)
+        from .loop import compile_task
+        one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
+        abstract = compile_task(task, one_device).abstract_state
+        restored = ckpt.restore(abstract, step, restore_data=False)
+    finally:
+        ckpt.close()
+    return task, restored.state["task"], config, metadata or {}
+
+
+def import_attr(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
