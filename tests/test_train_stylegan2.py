@@ -1,0 +1,209 @@
+"""StyleGAN2 trainer: lazy regularisers on their intervals, EMA, ADA, resume, sharding, loading.
+
+One tiny model (16 px, 16 channels) stepped by hand on one device is the reference the other
+tests compare against: the loop's own run (straight and resumed) and a sharded step on 8 devices.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from viscoin_jax.training import mesh as mesh_lib
+from viscoin_jax.training import stylegan2 as sg
+from viscoin_jax.training.config import load_config
+from viscoin_jax.training.loop import compile_task, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "stylegan2_synthetic.py")
+STEPS = 4
+BATCH = 8
+TINY = [
+    "--config.data.resolution=16", "--config.data.synthetic_size=64",
+    "--config.model.generator.img_resolution=16", "--config.model.generator.channel_max=16",
+    "--config.model.generator.z_dim=16", "--config.model.generator.w_dim=16",
+    "--config.model.discriminator.img_resolution=16", "--config.model.discriminator.channel_max=16",
+    f"--config.train.batch_size={BATCH}", f"--config.train.num_steps={STEPS}",
+    "--config.train.log_every=1", "--config.train.sample_every=0", "--config.train.progress_every=0",
+    "--config.checkpoint.every=2", "--config.checkpoint.max_to_keep=3",
+    # both regularisers inside 4 steps: PL on steps 0, 2; R1 on steps 0, 3
+    "--config.stylegan2.pl_interval=2", "--config.stylegan2.r1_interval=3",
+    "--config.stylegan2.r1_gamma=1.0",
+    # a visible EMA (beta = 0.5 ** (8 / 10)) and p that moves 0.1 per adjustment
+    "--config.stylegan2.ema_kimg=0.01", "--config.stylegan2.ema_rampup=0.0",
+    "--config.stylegan2.num_samples=4",
+    "--config.ada.initial_p=0.5", "--config.ada.interval=2", "--config.ada.kimg=0.16",
+    "--config.fid.num_samples=16", "--config.fid.batch_size=8",
+]
+ONE_DEVICE = ["--config.mesh.data=1", "--config.mesh.fsdp=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Persistent cache: the loop's runs reuse the hand-stepped run's compiled step."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes"]
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def _config(*extra):
+    return load_config(CONFIG, TINY + list(extra))
+
+
+def _one_mesh():
+    return mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _adam_count(opt_state):
+    counts = [np.asarray(x) for x in jax.tree.leaves(opt_state) if np.asarray(x).dtype == np.int32]
+    assert counts, "no Adam step counter in the optimiser state"
+    return int(counts[0])
+
+
+@pytest.fixture(scope="module")
+def stepped():
+    """STEPS hand-driven steps on one device: the states before/after each step and the metrics."""
+    config = _config(*ONE_DEVICE)
+    task = sg.make_task(config)
+    compiled = compile_task(task, _one_mesh())
+    state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
+    iterator = task.make_train_iterator(None)
+    states, metrics, batches = [jax.device_get(state)], [], []
+    for _ in range(STEPS):
+        local = next(iterator)
+        batches.append(local)
+        state, m = compiled.train_step(state, mesh_lib.make_global_batch(local, compiled.mesh))
+        states.append(jax.device_get(state))
+        metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return {"task": task, "config": config, "states": states, "metrics": metrics, "batches": batches}
+
+
+def test_lazy_regularisers_run_only_on_their_steps(stepped):
+    metrics, states = stepped["metrics"], stepped["states"]
+    for step, m in enumerate(metrics):
+        assert np.isfinite(list(m.values())).all()
+        pl_step, r1_step = step % 2 == 0, step % 3 == 0
+        assert (m["pl_penalty"] > 0) == pl_step and (m["pl_lengths"] > 0) == pl_step, (step, m)
+        assert (m["r1_penalty"] > 0) == r1_step, (step, m)
+        before, after = states[step]["task"], states[step + 1]["task"]
+        # the regularisers take their own Adam step: two updates on their steps, one otherwise
+        assert _adam_count(after["G_opt"]) - _adam_count(before["G_opt"]) == 1 + pl_step
+        assert _adam_count(after["D_opt"]) - _adam_count(before["D_opt"]) == 1 + r1_step
+        # pl_mean moves by pl_decay toward the batch's mean length only on PL steps
+        expected = (float(before["pl_mean"]) + 0.01 * (m["pl_lengths"] - float(before["pl_mean"]))
+                    if pl_step else float(before["pl_mean"]))
+        np.testing.assert_allclose(float(after["pl_mean"]), expected, rtol=1e-5, atol=1e-7)
+        assert int(after["step"]) == step + 1
+    assert metrics[0]["G_loss"] > 0 and metrics[0]["D_loss"] > 0
+
+
+def test_ema_follows_the_generator(stepped):
+    states = stepped["states"]
+    beta = 0.5 ** (BATCH / (0.01 * 1000.0))  # no ramp-up: the same beta from step 0 on
+    for step in range(STEPS):
+        assert stepped["metrics"][step]["ema_beta"] == pytest.approx(beta, rel=1e-5)
+        old = _leaves(states[step]["task"]["G_ema"])
+        new_g = _leaves(states[step + 1]["task"]["G"])
+        new_ema = _leaves(states[step + 1]["task"]["G_ema"])
+        differs = 0
+        for o, g, e in zip(old, new_g, new_ema):
+            ref = beta * o.astype(np.float64) + (1 - beta) * g.astype(np.float64)
+            np.testing.assert_allclose(e, ref, rtol=1e-5, atol=1e-6)
+            differs += not np.allclose(e, g)
+        assert differs > 0  # the average lags behind G
+    # w_avg is tracked (moves off zero) and is shared by G and G_ema
+    w_avg = states[-1]["task"]["G_vars"]["mapping"]["w_avg"][...]
+    assert np.abs(w_avg).max() > 0
+
+
+def test_ada_p_moves_with_the_sign_of_d_real(stepped):
+    """p changes every 2 steps by +-B * 2 / (kimg * 1000) = 0.1, by the sign of mean(sign D(real)) - 0.6."""
+    metrics, states = stepped["metrics"], stepped["states"]
+    p = 0.5
+    for step in range(STEPS):
+        assert metrics[step]["ada_p"] == pytest.approx(p, abs=1e-6)  # the p this step used
+        if (step + 1) % 2 == 0:
+            rt = np.mean([metrics[s]["D_real_sign"] for s in (step - 1, step)])
+            p = float(np.clip(p + np.sign(rt - 0.6) * BATCH * 2 / 160.0, 0, 1))
+        assert float(states[step + 1]["task"]["ada_p"]) == pytest.approx(p, abs=1e-6)
+    assert p != 0.5
+
+
+def test_run_training_straight_and_resumed_equal_the_hand_run(stepped, tmp_path):
+    config = _config(*ONE_DEVICE)
+    straight = run_training(sg.make_task(config), config, tmp_path / "a", mesh=_one_mesh())
+    assert straight.step == STEPS
+    for a, b in zip(_leaves(straight.state), _leaves(stepped["states"][-1])):
+        np.testing.assert_array_equal(a, b)
+
+    half = _config(*ONE_DEVICE, f"--config.train.num_steps={STEPS // 2}")
+    run_training(sg.make_task(half), half, tmp_path / "b", mesh=_one_mesh())
+    resumed = run_training(sg.make_task(config), config, tmp_path / "b", mesh=_one_mesh())
+    assert resumed.step == STEPS
+    for a, b in zip(_leaves(resumed.state), _leaves(straight.state)):
+        np.testing.assert_array_equal(a, b)
+
+    # load(): the task and state rebuilt from the workdir alone; G_ema samples equal the state's
+    task, state, loaded_config = sg.load(tmp_path / "b")
+    assert loaded_config.trainer == "stylegan2" and int(state["step"]) == STEPS
+    assert task.model_metadata() == {"kind": "stylegan2", "model": config.model.to_dict()}
+    G = sg.generator_from_state(task, state)
+    z = jax.random.normal(jax.random.key(3), (2, 16))
+    expected = sg.generator_from_state(stepped["task"], stepped["states"][-1]["task"])(z)
+    np.testing.assert_allclose(np.asarray(G(z)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    not_ema = sg.generator_from_state(task, state, ema=False)(z)
+    assert not np.allclose(np.asarray(not_ema), np.asarray(expected))
+    samples = task.sample_images(state)["G_ema"]
+    assert samples.shape == (4, 16, 16, 3) and np.isfinite(np.asarray(samples)).all()
+    with pytest.raises(ValueError, match="stylegan2"):
+        from viscoin_jax.training import classifier
+        classifier.load(tmp_path / "b")
+
+
+@pytest.mark.slow  # a second full compile of the second-order step (~6 CPU-minutes)
+def test_sharded_step_matches_one_device(stepped):
+    """Data parallel x FSDP over 8 devices (parameters sharded): 2 steps equal the one-device run."""
+    assert jax.device_count() == 8
+    config = _config("--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=64")
+    task = sg.make_task(config)
+    compiled = compile_task(task, mesh_lib.make_mesh(config.mesh))
+    state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
+    sharded = [x for x in jax.tree.leaves(state) if not x.sharding.is_fully_replicated]
+    assert sharded, "FSDP sharded no parameter"
+    for step in range(2):
+        batch = mesh_lib.make_global_batch(stepped["batches"][step], compiled.mesh)
+        state, metrics = compiled.train_step(state, batch)
+        for key, value in jax.device_get(metrics).items():
+            np.testing.assert_allclose(float(value), stepped["metrics"][step][key], rtol=2e-3, atol=2e-4,
+                                       err_msg=key)
+    for a, b in zip(_leaves(state), _leaves(stepped["states"][2])):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="img_resolution"):
+        sg.make_task(_config("--config.model.generator.img_resolution=32"))
+    with pytest.raises(ValueError, match="conditional"):
+        sg.make_task(_config("--config.model.generator.c_dim=3"))
+    with pytest.raises(ValueError, match="style_mixing_prob"):
+        sg.make_task(_config("--config.stylegan2.style_mixing_prob=1.5"))
+    with pytest.raises(ValueError, match="preset"):
+        sg.make_task(_config("--config.ada.preset=bgc"))
+    with pytest.raises(FileNotFoundError, match="inception_weights"):
+        sg.fid_extractor(_config("--config.fid.inception_weights=/nonexistent/fid.npz"))
