@@ -221,9 +221,10 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     if config.trainer == "classifier":
         explain_classifier(task, state, data, methods, report, out_dir)
     elif config.trainer == "viscoin":
-        from .viscoin_report import explain_viscoin
-
-        explain_viscoin(task, state, data, methods, report, out_dir)
+        # The VisCoIN methods exist as functions (explain.concepts, metrics.viscoin_metrics, with
+        # training.viscoin.viscoin_apply); the command does not run them yet.
+        raise ValueError("explain does not yet report VisCoIN checkpoints; call "
+                         "viscoin_jax.explain.concepts with training.viscoin.viscoin_apply(task, state)")
     else:
         raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
                          "a viscoin checkpoint")
