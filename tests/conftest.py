@@ -10,6 +10,3 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # two xdist workers share th
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# The non-partitionable threefry compiles random draws far faster on CPU (tests only; the values
-# differ from the default stream, and every test compares runs made under the same setting).
-jax.config.update("jax_threefry_partitionable", False)

@@ -103,7 +103,7 @@ def test_full_evaluation_matches_numpy(tmp_path, monkeypatch):
     assert out["accuracy"] == pytest.approx(np.mean(pred == labels))
     for c in (0, 1):
         assert out["per_class_accuracy"][c] == pytest.approx(np.mean(pred[labels == c] == c))
-    p = np.exp(logits[:, 1]) / np.exp(logits).sum(-1)
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))[:, 1].astype(np.float64)  # as the op does
     pos, neg = p[labels == 1], p[labels == 0]
     z = 1 - 3 * (pos.std(ddof=1) + neg.std(ddof=1)) / abs(pos.mean() - neg.mean())
     assert out["z_prime"] == pytest.approx(z, rel=1e-4)
