@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.ada = ConfigDict(dict(enabled=True, preset="bc", initial_p=0.0, target=0.6, interval=4,
                             kimg=500.0))
     c.fid = ConfigDict(dict(inception_weights="", num_samples=50_000, batch_size=250, split="train",
-                            fallback_seed=0))
+                            fallback_seed=0, fallback_input_size=299))
     c.train.num_steps = TOTAL_KIMG * 1000 // BATCH
     c.train.batch_size = BATCH
     c.train.log_every = 100

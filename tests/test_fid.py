@@ -603,3 +603,18 @@ def test_compute_fid_bad_inputs():
     bad = FeatureExtractor(lambda im: jnp.zeros((1, 4)), name="bad", comparable_with_published=False)
     with pytest.raises(ValueError, match="expected \\[N, D\\]"):
         bad(jnp.zeros((2, 8, 8, 3)))
+
+
+def test_fallback_input_size_resizes_to_that_size_and_names_it():
+    with pytest.warns(UserWarning, match="NOT comparable"):
+        extractor = make_fid_extractor(None, seed=1, fallback_input_size=96)
+    assert extractor.name == "random-inception-seed1-96px" and not extractor.comparable_with_published
+    model = fidlib.random_fid_inception(1)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    u8 = _torch_uint8(x).astype(np.float64) / 255.0
+    # an independent bilinear resize (torch, half-pixel centres) to 96 px, then the network
+    t = F.interpolate(torch.from_numpy(u8).permute(0, 3, 1, 2), size=(96, 96), mode="bilinear", align_corners=False)
+    ref = np.asarray(model(jnp.asarray(2 * t.permute(0, 2, 3, 1).numpy() - 1, jnp.float32)))
+    np.testing.assert_allclose(np.asarray(extractor(jnp.asarray(x))), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="at least 75 px"):
+        fidlib.inception_extractor(model, name="x", comparable_with_published=False, input_size=64)

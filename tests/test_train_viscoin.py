@@ -17,49 +17,19 @@ from viscoin_jax.training.config import config_to_dict, load_config
 from viscoin_jax.training.loop import compile_task
 from viscoin_jax.training.viscoin_losses import soft_cross_entropy
 
+from viscoin_fixtures import make_frozen_runs, viscoin_config
+
 pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is empty")
 
 
 @pytest.fixture(scope="module")
 def frozen_runs(tmp_path_factory):
-    """An initial classifier and generator (non-zero w_avg) saved as the loop saves runs (training
-    them would only cost compile time here)."""
-    root = tmp_path_factory.mktemp("frozen")
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-    clf_cfg = load_config("configs/classifier_synthetic.py", [
-        "--config.model.width=4", "--config.checkpoint.async_save=False"])
-    clf_task = classifier.make_task(clf_cfg)
-    clf_state = compile_task(clf_task, mesh).init(jax.random.key_data(jax.random.key(0)))
-    ckpt = Checkpointer.from_config(clf_cfg, root / "clf")
-    ckpt.save(1, clf_state, config=config_to_dict(clf_cfg), metadata=clf_task.model_metadata())
-    ckpt.close()
-
-    g_cfg = load_config("configs/stylegan2_synthetic.py", [
-        "--config.model.generator.z_dim=8", "--config.model.generator.w_dim=8",
-        "--config.model.generator.mapping_layers=1", "--config.model.generator.channel_max=8",
-        "--config.model.discriminator.channel_max=8", "--config.fid.num_samples=0",
-        "--config.checkpoint.async_save=False"])
-    task = stylegan2.make_task(g_cfg)
-    state = compile_task(task, mesh).init(jax.random.key_data(jax.random.key(0)))
-    G = stylegan2.generator_from_state(task, state["task"])
-    w_avg = np.random.default_rng(0).normal(size=(G.w_dim,)).astype(np.float32)
-    G.mapping.w_avg[...] = jnp.asarray(w_avg)
-    state["task"]["G_vars"] = nnx.split(G, nnx.Param, ...)[2]
-    ckpt = Checkpointer.from_config(g_cfg, root / "sg2")
-    ckpt.save(1, state, config=config_to_dict(g_cfg), metadata=task.model_metadata())
-    ckpt.close()
-    return root / "clf", root / "sg2", w_avg
+    return make_frozen_runs(tmp_path_factory.mktemp("frozen"))
 
 
 def _config(frozen_runs, *overrides):
     clf, sg2, _ = frozen_runs
-    base = [f"--config.classifier_workdir={clf}", f"--config.generator_workdir={sg2}",
-            "--config.model.branch_channels=8", "--config.train.batch_size=4", "--config.viscoin.num_generated=4",
-            "--config.viscoin.num_samples=0", "--config.train.num_steps=3", "--config.train.eval_every=0",
-            "--config.train.sample_every=0", "--config.train.log_every=1", "--config.checkpoint.every=3",
-            "--config.checkpoint.async_save=False", "--config.data.synthetic_size=64",
-            "--config.eval.batch_size=8", "--config.eval.max_batches=1", "--config.eval.final_batches=1"]
-    return load_config("configs/viscoin_synthetic.py", base + list(overrides))
+    return viscoin_config(clf, sg2, *overrides)
 
 
 @pytest.fixture(scope="module")

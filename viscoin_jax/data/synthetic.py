@@ -408,8 +408,23 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+# Factors that `measure_factors` estimates reliably, with the change below which a difference between
+# an image and its edit (a counterfactual, a concept drawing) is measurement noise: discrete factors
+# must match exactly; size is a radius and centres are fractions of the image side; brightness is
+# relative. Rotation is left out (undefined for round blobs).
+MEASURED_TOLERANCES = {"colour": 0.0, "shape": 0.0, "size": 0.02, "center_y": 0.08, "center_x": 0.08,
+                       "brightness": 0.06}
+
+
+def measured_factor_roles(variant: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
+    """(causal, nuisance, tolerance) of the measured factors of `variant`, for factor-change metrics."""
+    causal = get_variant(variant).causal
+    nuisance = tuple(n for n in MEASURED_TOLERANCES if n not in causal)
+    return causal, nuisance, dict(MEASURED_TOLERANCES)
+
+
 __all__ = [
     "VARIANTS", "Variant", "get_variant", "factor_names", "label_from_factors", "sample_factors",
     "stack_factors", "flip_factors", "render", "SyntheticConcepts", "make_synthetic_arrays",
-    "measure_factors", "COLOUR_NAMES", "SHAPE_NAMES", "SPLITS",
+    "measure_factors", "MEASURED_TOLERANCES", "measured_factor_roles", "COLOUR_NAMES", "SHAPE_NAMES", "SPLITS",
 ]

@@ -2,17 +2,28 @@
 
     viscoin-jax explain --checkpoint runs/clf --images synthetic/blob_binary:test:16 \\
         --methods gradient smoothgrad integrated_gradients grad_cam occlusion --out runs/report
+    viscoin-jax explain --checkpoint runs/viscoin --images synthetic/blob_binary:test:16 \\
+        --methods concepts faithfulness consistency latent_direction latent_interpolation --out runs/report
 
-Writes `OUT/report.html` (self-contained, images embedded) and one `OUT/<method>.npz` per method
-with the raw arrays. `--images` is a synthetic split (`synthetic/<variant>:<split>[:count]`), a
-folder of images, or an `.npz` holding `images` (NHWC, uint8 or [-1, 1]) and optionally `labels`.
-Every method is also a plain function (`viscoin_jax.explain.attributions`, ...), usable from a
-notebook; this module only loads, runs and reports.
+Methods: attributions of the classifier (gradient, smoothgrad, integrated_gradients, grad_cam,
+occlusion, sanity_check, deletion_insertion), iresnet_counterfactual (i-ResNet checkpoints), the
+VisCoIN concept methods (concepts, faithfulness, consistency; VisCoIN checkpoints) and the latent
+methods (latent_direction, latent_interpolation; a VisCoIN checkpoint, or a classifier checkpoint
+with `--generator <stylegan2 run>`). On a VisCoIN checkpoint the attributions explain its f.
+
+Writes `OUT/report.html` (self-contained, images embedded), `OUT/metrics.json` and one
+`OUT/<method>.npz` per method with the raw arrays. `--images` is a synthetic split
+(`synthetic/<variant>:<split>[:count]`; the report then also measures which generative factors the
+counterfactuals and concepts change), a folder of images, or an `.npz` holding `images` (NHWC,
+uint8 or [-1, 1]) and optionally `labels`. Every method is also a plain function
+(`viscoin_jax.explain.attributions`, `concepts`, `latent_direction`, ...), usable from a notebook;
+this module only loads, runs and reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -206,28 +217,86 @@ def _iresnet_counterfactuals(task, state, data, report, out: Path) -> dict:
 # Command line
 
 
-def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None) -> Path:
-    """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays."""
-    from ..training.common import restore_task_state
-    from .report import Report
+def _variant(images: str) -> str | None:
+    """The synthetic variant named by an --images spec (its factors can be measured), else None."""
+    if not images.startswith("synthetic/"):
+        return None
+    return images[len("synthetic/"):].split(":")[0]
 
+
+def _split_methods(methods) -> tuple[list, list, list]:
+    from .latent_report import LATENT_METHODS
+    from .viscoin_report import VISCOIN_METHODS
+
+    known = CLASSIFIER_METHODS + VISCOIN_METHODS + LATENT_METHODS
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(known)}")
+    return ([m for m in methods if m in CLASSIFIER_METHODS], [m for m in methods if m in VISCOIN_METHODS],
+            [m for m in methods if m in LATENT_METHODS])
+
+
+def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None,
+            generator: str | None = None, latent_settings=None, concept_settings=None) -> Path:
+    """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays.
+
+    A classifier checkpoint takes the attribution methods, the i-ResNet counterfactual and, given a
+    StyleGAN2 run as `generator`, the latent methods. A VisCoIN checkpoint takes the concept methods,
+    the latent methods (its own f and G) and the attribution methods (on its classifier f).
+    """
+    from ..training.common import restore_task_state
+    from .latent_report import LatentSettings, explain_latent, models_from_generator
+    from .report import Report
+    from .viscoin_report import ConceptSettings, explain_viscoin, latent_models
+
+    clf_methods, viscoin_methods, latent_methods = _split_methods(list(methods))
     out_dir = Path(out)
     task, state, config, metadata = restore_task_state(checkpoint)
+    if config.trainer not in ("classifier", "viscoin"):
+        raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
+                         "a viscoin checkpoint")
+    if viscoin_methods and config.trainer != "viscoin":
+        raise ValueError(f"{', '.join(viscoin_methods)} need a VisCoIN checkpoint; {checkpoint} holds a "
+                         f"{config.trainer!r} run")
+    if latent_methods and config.trainer == "classifier" and not generator:
+        raise ValueError(f"{', '.join(latent_methods)} need a generator: this classifier checkpoint has none; "
+                         "pass --generator <a stylegan2 run> or explain a VisCoIN checkpoint")
     resolution = int(config.data.resolution)
     data = load_images(images, resolution, count)
+    variant = _variant(images)
     report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
     report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
                               f"methods {', '.join(methods)}")
-    if config.trainer == "classifier":
-        explain_classifier(task, state, data, methods, report, out_dir)
-    elif config.trainer == "viscoin":
-        # The VisCoIN methods exist as functions (explain.concepts, metrics.viscoin_metrics, with
-        # training.viscoin.viscoin_apply); the command does not run them yet.
-        raise ValueError("explain does not yet report VisCoIN checkpoints; call "
-                         "viscoin_jax.explain.concepts with training.viscoin.viscoin_apply(task, state)")
-    else:
-        raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
-                         "a viscoin checkpoint")
+    summary: dict = {}
+    steps = [("attributions", clf_methods), ("VisCoIN concepts", viscoin_methods), ("latent", latent_methods)]
+    steps = [(name, m) for name, m in steps if m]
+    for i, (name, group) in enumerate(steps, 1):
+        t0 = time.perf_counter()
+        log.info("[%d/%d] %s: %s", i, len(steps), name, ", ".join(group))
+        if name == "attributions":
+            if config.trainer == "viscoin":  # on the frozen classifier f of the VisCoIN run
+                from ..training import classifier as classifier_lib
+
+                f_task, f_state, _ = classifier_lib.load(config.classifier_workdir)
+                report.add_section("Classifier f", f"attributions of {config.classifier_workdir}")
+                summary.update(explain_classifier(f_task, f_state, data, group, report, out_dir))
+            else:
+                summary.update(explain_classifier(task, state, data, group, report, out_dir))
+        elif name == "VisCoIN concepts":
+            summary.update(explain_viscoin(task, state, data, group, report, out_dir,
+                                           concept_settings or ConceptSettings(), variant=variant))
+        else:
+            if config.trainer == "viscoin":
+                models = latent_models(task, state)
+            else:
+                classifier_fn, _ = classifier_functions(task, state)
+                models = models_from_generator(generator, classifier_fn)
+            summary.update(explain_latent(models, data, group, report, out_dir, latent_settings or LatentSettings(),
+                                          variant=variant))
+        log.info("[%d/%d] %s done in %.1fs", i, len(steps), name, time.perf_counter() - t0)
+    report.add_metrics(summary, title="All metrics")
+    (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))
     path = report.write(out_dir)
     print(f"report: {path}")
     return path
@@ -237,7 +306,11 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        explain(args.checkpoint, args.images, args.methods, args.out, count=args.count)
+        from .latent_report import LatentSettings
+
+        latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
+        explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
+                latent_settings=latent)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
         return 2
@@ -245,11 +318,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("explain", help="explain a trained classifier from its checkpoint",
+    p = subparsers.add_parser("explain", help="explain a classifier (or a VisCoIN run) from its checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's workdir (or its checkpoints/ folder)")
     p.add_argument("--images", required=True, help="synthetic/<variant>:<split>[:N], a folder, or an .npz")
     p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"])
     p.add_argument("--out", required=True, help="output folder for report.html and the npz arrays")
     p.add_argument("--count", type=int, default=None, help="use at most this many images")
+    p.add_argument("--generator", default=None,
+                   help="a stylegan2 run for the latent methods on a classifier checkpoint")
+    p.add_argument("--projection-steps", type=int, default=300, help="W+ projection steps per image batch")
+    p.add_argument("--direction-samples", type=int, default=512,
+                   help="generated samples the logistic-regression direction is fitted on")
     p.set_defaults(func=main)

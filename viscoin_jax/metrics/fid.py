@@ -70,13 +70,17 @@ class FeatureExtractor:
         return f"FeatureExtractor(name={self.name!r}, comparable_with_published={self.comparable_with_published})"
 
 
-def inception_extractor(model: FIDInceptionV3, *, name: str, comparable_with_published: bool) -> FeatureExtractor:
-    """Jitted extractor: FID preprocessing (uint8 levels, 299 bilinear) + the Inception's pool3."""
+def inception_extractor(model: FIDInceptionV3, *, name: str, comparable_with_published: bool,
+                        input_size: int = 299) -> FeatureExtractor:
+    """Jitted extractor: FID preprocessing (uint8 levels, bilinear resize to `input_size`, 299 for the
+    standard) + the Inception's pool3."""
+    if input_size < 75:
+        raise ValueError(f"the Inception needs inputs of at least 75 px, got input_size={input_size}")
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def features(state, images):
-        return nnx.merge(graphdef, state)(fid_preprocess(images))
+        return nnx.merge(graphdef, state)(fid_preprocess(images, input_size))
 
     return FeatureExtractor(lambda images: features(state, images), name=name,
                             comparable_with_published=comparable_with_published)
@@ -100,7 +104,8 @@ def random_fid_inception(seed: int, *, precision="highest") -> FIDInceptionV3:
 
 def make_fid_extractor(weights_path: str | os.PathLike | None = None, *,
                        fallback: str | Callable[[jax.Array], jax.Array] | None = "random-inception",
-                       fallback_name: str | None = None, seed: int = 0, precision="highest") -> FeatureExtractor:
+                       fallback_name: str | None = None, seed: int = 0, precision="highest",
+                       fallback_input_size: int = 299) -> FeatureExtractor:
     """The standard FID extractor from `weights_path`, or -- with a warning -- a labelled fallback.
 
     weights_path: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (needs torch) or its
@@ -109,6 +114,8 @@ def make_fid_extractor(weights_path: str | os.PathLike | None = None, *,
     fallback (used when weights_path is None): "random-inception" (the FID Inception randomly
       initialised with `seed`), a callable images -> [N, D] features (or [N, h, w, C] maps, which
       are average-pooled; e.g. the classifier's pooled features), or None to refuse (ValueError).
+    fallback_input_size: the random Inception's input size (>= 75). Smaller than 299 makes the
+      fallback much cheaper on CPU; its values are not comparable with published FIDs either way.
     """
     if weights_path is not None:
         model = load_fid_inception(weights_path, precision=precision)
@@ -119,9 +126,10 @@ def make_fid_extractor(weights_path: str | os.PathLike | None = None, *,
     if isinstance(fallback, str):
         if fallback != "random-inception":
             raise ValueError(f"unknown fallback {fallback!r}: use 'random-inception' or a feature callable")
-        name = fallback_name or f"random-inception-seed{seed}"
+        name = fallback_name or f"random-inception-seed{seed}" + (
+            f"-{fallback_input_size}px" if fallback_input_size != 299 else "")
         extractor = inception_extractor(random_fid_inception(seed, precision=precision), name=name,
-                                        comparable_with_published=False)
+                                        comparable_with_published=False, input_size=fallback_input_size)
     elif callable(fallback):
         name = fallback_name or getattr(fallback, "__name__", None) or type(fallback).__name__
         extractor = FeatureExtractor(fallback, name=name, comparable_with_published=False)

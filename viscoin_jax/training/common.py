@@ -58,10 +58,12 @@ def train_batches(config: Any, data_state: Any, keys=("image", "label"), seed_of
     return DataBatches(it, keys)
 
 
-def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None):
-    """One pass over the evaluation split (`config.eval.split`), same batch count on every host."""
+def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None,
+                 split: str | None = None):
+    """One pass, in order and without augmentation, over `split` (default `config.eval.split`);
+    the same batch count on every host."""
     data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
-    data.update(split=config.eval.split, train=False, drop_remainder=True,
+    data.update(split=split or config.eval.split, train=False, drop_remainder=True,
                 batch_size=mesh_lib.local_batch_size(config.eval.batch_size))
     it = DataBatches(pipeline.make_iterator(data), keys)
     for i, batch in enumerate(it):

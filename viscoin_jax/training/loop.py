@@ -59,6 +59,8 @@ class Task:
       make_eval_iterator() -> iterable        a finite pass over the evaluation data (each process
                                               its part; the same number of batches everywhere,
                                               all of one size divisible by the device count)
+      host_evaluate(state) -> {name: float}   from the task state, outside jit, at each evaluation:
+                                              metrics that need a host loop (FID of a generator)
       sample_images(state) -> {name: images}  from the task state, called outside jit: NHWC images
                                               in [-1, 1], written as PNG grids
       model_metadata() -> dict                saved with each checkpoint: what is needed to rebuild
@@ -87,6 +89,9 @@ class Task:
 
     def make_eval_iterator(self) -> Iterable[PyTree] | None:
         return None
+
+    def host_evaluate(self, state: PyTree) -> dict[str, float]:
+        return {}
 
     def sample_images(self, state: PyTree) -> dict[str, Any] | None:
         return None
@@ -229,17 +234,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def evaluate(task: Task, compiled: Compiled, state: PyTree) -> dict[str, float]:
-    """Runs `eval_step` over `make_eval_iterator()`; the mean of the per-batch metrics."""
+    """The mean of `eval_step` over `make_eval_iterator()`, plus the task's `host_evaluate`."""
+    host = {f"eval/{k}": float(v) for k, v in task.host_evaluate(state["task"]).items()}
     batches = task.make_eval_iterator()
     if compiled.eval_step is None or batches is None:
-        return {}
+        return host
     history = []
     for i, local in enumerate(batches):
         batch = mesh_lib.make_global_batch(local, compiled.mesh)
         history.append((i, compiled.eval_step(state, batch)))
     if not history:
         raise ValueError("make_eval_iterator() yielded no batches")
-    return {f"eval/{k}": v for k, v in mean_metrics(to_host(history)).items()}
+    return {**{f"eval/{k}": v for k, v in mean_metrics(to_host(history)).items()}, **host}
 
 
 def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | None = None

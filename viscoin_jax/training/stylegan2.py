@@ -109,6 +109,7 @@ class StyleGAN2Task(Task):
             overrides = _kwargs(config.ada.get("overrides", {}))
             self.augment_config = ada_lib.AugmentConfig.from_preset(str(config.ada.preset), **overrides)
         self._sample_fn = None
+        self._fid_extractor = self._fid_real_stats = None  # built at the first evaluation
 
     # -- state ------------------------------------------------------------------------------------
     def init(self, rng):
@@ -281,6 +282,20 @@ class StyleGAN2Task(Task):
             self._sample_fn = jax.jit(lambda params, g_vars: self.generator(params, g_vars)(z, noise_mode="const"))
         return {"G_ema": self._sample_fn(state["G_ema"], state["G_vars"])}
 
+    def host_evaluate(self, state) -> dict[str, float]:
+        """FID of G_ema at each evaluation (config.train.eval_every): the FID trend of a run."""
+        if int(self.config.fid.num_samples) <= 0:
+            return {}
+        from ..metrics.fid import feature_stats
+
+        if self._fid_extractor is None:
+            n = int(self.config.fid.num_samples)
+            self._fid_extractor = fid_extractor(self.config)
+            self._fid_real_stats = feature_stats(real_images(self.config, n), self._fid_extractor,
+                                                 batch_size=int(self.config.fid.batch_size), max_items=n)
+        result = compute_fid(self, state, self.config, self._fid_extractor, self._fid_real_stats)
+        return {"fid": result.value}
+
     def model_metadata(self) -> dict:
         return {"kind": "stylegan2", "model": self.config.model.to_dict()}
 
@@ -336,7 +351,8 @@ def fid_extractor(config: Any):
     path = str(config.fid.get("inception_weights", ""))
     if path and not Path(path).exists():
         raise FileNotFoundError(f"config.fid.inception_weights={path!r} does not exist")
-    return make_fid_extractor(path or None, seed=int(config.fid.get("fallback_seed", 0)))
+    return make_fid_extractor(path or None, seed=int(config.fid.get("fallback_seed", 0)),
+                              fallback_input_size=int(config.fid.get("fallback_input_size", 299)))
 
 
 def compute_fid(task: StyleGAN2Task, state, config: Any | None = None, extractor=None, real_stats=None):
@@ -359,7 +375,7 @@ def train(config: Any, workdir: str):
     metrics = {}
     if int(config.fid.num_samples) > 0:
         state = jax.device_get(result.state["task"])
-        fid_result = compute_fid(task, state, config)
+        fid_result = compute_fid(task, state, config, task._fid_extractor, task._fid_real_stats)
         log.info("%s", fid_result)
         metrics = {"fid": fid_result.value, "extractor": fid_result.extractor_name,
                    "comparable_with_published": fid_result.comparable, "n_real": fid_result.n_real,

@@ -1,0 +1,112 @@
+"""`explain` on a VisCoIN checkpoint (concepts, FF, CC, latent direction and interpolation), and on a
+classifier checkpoint with a separate generator; values checked against direct numpy computations."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from viscoin_jax.explain import run as explain_run
+from viscoin_jax.explain.latent_report import LatentSettings, counterfactual_index
+from viscoin_jax.explain.viscoin_report import ConceptSettings
+from viscoin_jax.training import viscoin
+
+from viscoin_fixtures import make_frozen_runs, make_viscoin_run
+
+pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is empty")
+
+SMALL_LATENT = LatentSettings(projection_steps=4, direction_samples=64, num_series=5, interpolation_steps=3,
+                              ig_steps=5)
+SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    clf, sg2, _ = make_frozen_runs(root)
+    return clf, sg2, make_viscoin_run(root, clf, sg2)
+
+
+@pytest.fixture(scope="module")
+def viscoin_report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    explain_run.explain(str(runs[2]), "synthetic/blob_binary:test:3",
+                        ["gradient", "concepts", "faithfulness", "consistency", "latent_direction",
+                         "latent_interpolation"], str(out), latent_settings=SMALL_LATENT,
+                        concept_settings=SMALL_CONCEPTS)
+    return out
+
+
+def test_relevance_and_drawings_match_direct_computation(runs, viscoin_report):
+    task, state, _ = viscoin.load(str(runs[2]))
+    head_weight = np.asarray(viscoin.viscoin_apply(task, state).head_weight, np.float64)
+    with np.load(viscoin_report / "concepts.npz") as a:
+        phi, relevance, top, pred = a["phi"], a["relevance"], a["top_concepts"], a["g_predictions"]
+        drawings, recon, lambdas = a["drawings"], a["reconstructions"], list(a["lambdas"])
+    # relevance: alpha_k = maxpool(phi_k) W[k, c], normalised by max |alpha| (a direct loop)
+    for i in range(phi.shape[0]):
+        alpha = np.array([phi[i, :, :, k].max() * head_weight[k, pred[i]] for k in range(phi.shape[-1])])
+        np.testing.assert_allclose(relevance[i], alpha / np.abs(alpha).max(), rtol=1e-5, atol=1e-6)
+        assert list(top[i]) == list(np.argsort(-relevance[i], kind="stable")[: top.shape[1]])
+    # a concept drawn at lambda 1 is the unedited reconstruction
+    np.testing.assert_allclose(drawings[:, 0, lambdas.index(1.0)], recon, atol=1e-4)
+    assert drawings.shape[:3] == (3, 2, 4)
+    assert np.abs(drawings[:, 0, lambdas.index(0.0)] - recon).max() > 0  # removing a concept changes x~
+
+
+def test_metrics_and_arrays_are_consistent(viscoin_report):
+    metrics = json.loads((viscoin_report / "metrics.json").read_text())
+    with np.load(viscoin_report / "faithfulness.npz") as a:
+        np.testing.assert_allclose(a["median"], np.median(a["per_image"], axis=1))
+        assert metrics["FF median (tau 0.2)"] == pytest.approx(float(a["median"][1]))
+    with np.load(viscoin_report / "consistency.npz") as a:
+        acc = a["accuracy"]
+        assert acc.shape == (8,) and np.all((acc >= 0) & (acc <= 1))
+        assert metrics["CC mean"] == pytest.approx(float(np.mean(acc)))
+    with np.load(viscoin_report / "latent_direction.npz") as a:
+        probs, target, flipped = a["probs"], a["target"], a["flipped"]
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+        assert np.array_equal(flipped, (probs.argmax(-1) == target[:, None]).any(1))
+        # the counterfactual is the first image f assigns to the target: valid exactly where one exists
+        assert metrics["latent counterfactual validity"] == pytest.approx(float(np.mean(flipped)))
+    with np.load(viscoin_report / "latent_interpolation.npz") as a:
+        # integrated gradients in W+ sum to the change of the target logit (loose: 5 steps)
+        assert a["layer_attributions"].shape[0] == 3
+        assert np.all(np.isfinite(a["completeness_gap"]))
+    for key in ("latent counterfactuals changing a causal factor", "top concepts whose removal changes a causal factor",
+                "g fidelity to f (these images)"):
+        assert 0.0 <= metrics[key] <= 1.0
+    html = (viscoin_report / "report.html").read_text()
+    for heading in ("VisCoIN reconstructions", "Class-level concept relevance", "training images that activate",
+                    "Faithfulness FF", "Consistency CC_k", "Projections into W+", "interpolation to its counterfactual"):
+        assert heading in html
+
+
+def test_counterfactual_index_matches_a_loop():
+    rng = np.random.default_rng(3)
+    probs = jax.nn.softmax(rng.normal(size=(7, 5, 3)), -1)
+    target = rng.integers(0, 3, 7)
+    index, found = counterfactual_index(probs, target)
+    for i in range(7):
+        hits = [j for j in range(5) if np.argmax(probs[i, j]) == target[i]]
+        assert found[i] == bool(hits) and index[i] == (hits[0] if hits else 4)
+
+
+def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
+    clf, sg2, vis = runs
+    with pytest.raises(ValueError, match="need a generator"):
+        explain_run.explain(str(clf), "synthetic/blob_binary:test:2", ["latent_direction"], str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="need a VisCoIN checkpoint"):
+        explain_run.explain(str(clf), "synthetic/blob_binary:test:2", ["concepts"], str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="unknown methods"):
+        explain_run.explain(str(vis), "synthetic/blob_binary:test:2", ["concept"], str(tmp_path / "a"))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="images are 16x16 but the model takes 32x32"):
+        explain_run.explain(str(vis), str(bad), ["concepts"], str(tmp_path / "a"))
+    explain_run.explain(str(clf), "synthetic/blob_binary:test:2", ["latent_direction"], str(tmp_path / "b"),
+                        generator=str(sg2), latent_settings=SMALL_LATENT)
+    with np.load(tmp_path / "b" / "latent_direction.npz") as a:
+        assert a["series"].shape == (2, 5, 32, 32, 3) and np.all(np.isfinite(a["series"]))
+        np.testing.assert_allclose(a["series"][:, 0], a["projections"], atol=1e-4)  # t = 0 is the projection

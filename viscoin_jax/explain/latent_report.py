@@ -1,0 +1,236 @@
+"""Latent-space explanations for the report: projection, decision directions, interpolation.
+
+Works with any frozen StyleGAN2 and classifier f: the ones inside a VisCoIN run (the translator then
+warm-starts the projection), or a classifier checkpoint plus a StyleGAN2 run (`explain --generator`).
+For each image: project it into W+, find the direction that moves f toward a target class (the
+logistic regression of f's decisions on sampled latents, Schutte et al., and the gradient of the
+target logit in W+), decode a series along it with f's probabilities, take the first image of the
+series that f assigns to the target as the counterfactual, then interpolate between the projection
+and the counterfactual with integrated gradients of f along the latent path (medXGAN style).
+
+The math lives in `projection`, `latent_direction` and `interpolation`; this module chooses
+settings, runs them on a batch, measures the counterfactuals and fills the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import interpolation, latent_direction, projection
+from .report import Report, save_arrays
+
+log = logging.getLogger(__name__)
+
+LATENT_METHODS = ("latent_direction", "latent_interpolation")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentModels:
+    """The frozen models a latent method needs (pure callables; weights closed over)."""
+
+    synthesis_fn: Callable  # ws [N, num_ws, w_dim] -> images [N, R, R, 3] in [-1, 1]
+    mapping_fn: Callable  # z [N, z_dim] -> ws [N, num_ws, w_dim]
+    classifier_fn: Callable  # images -> f's logits [N, C]
+    z_dim: int
+    num_ws: int
+    resolution: int
+    perceptual_fn: Callable | None = None  # (images, target) -> [N] distances, for the projection
+    perceptual_name: str = "none (pixel loss only)"
+    init_ws_fn: Callable | None = None  # images -> ws: a warm start (VisCoIN's translator)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSettings:
+    projection_steps: int = 300
+    direction_samples: int = 512  # generated samples the logistic regression is fitted on
+    num_series: int = 9  # images along each direction
+    max_shift: float = 2.0  # the series ends at max_shift * w_std along the unit direction
+    interpolation_steps: int = 7
+    ig_steps: int = 33
+
+
+def models_from_generator(generator_workdir: str, classifier_fn: Callable) -> LatentModels:
+    """LatentModels of a StyleGAN2 run (EMA weights, constant noise) and any classifier function."""
+    from flax import nnx
+
+    from ..training import stylegan2
+
+    task, state, _ = stylegan2.load(generator_workdir)
+    G = stylegan2.generator_from_state(task, state, ema=True)
+    graphdef, g_state = nnx.split(G)
+
+    def synthesis_fn(ws):
+        return nnx.merge(graphdef, g_state).synthesis(ws, noise_mode="const")
+
+    def mapping_fn(z):
+        return nnx.merge(graphdef, g_state).mapping(z)
+
+    return LatentModels(synthesis_fn, mapping_fn, classifier_fn, int(G.z_dim), int(G.num_ws),
+                        int(G.img_resolution))
+
+
+def counterfactual_index(probs, target) -> tuple[np.ndarray, np.ndarray]:
+    """Per series (probs [N, T, C]): the first index whose argmax is `target` [N] (else the last),
+    and whether one was found."""
+    probs, target = np.asarray(probs), np.asarray(target)
+    hits = probs.argmax(-1) == target[:, None]
+    found = hits.any(axis=1)
+    return np.where(found, hits.argmax(axis=1), probs.shape[1] - 1), found
+
+
+def explain_latent(models: LatentModels, data: dict, methods, report: Report, out: Path,
+                   settings: LatentSettings = LatentSettings(), *, key: int = 0,
+                   variant: str | None = None) -> dict:
+    """Runs the latent `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics.
+
+    `variant` (a synthetic data set) adds which measured factors the counterfactuals changed.
+    """
+    from ..metrics import counterfactual_metrics as cfm
+
+    unknown = [m for m in methods if m not in LATENT_METHODS]
+    if unknown:
+        raise ValueError(f"unknown latent methods {unknown}; known: {LATENT_METHODS}")
+    images = jnp.asarray(data["images"])
+    if images.shape[1] != models.resolution:
+        raise ValueError(f"the generator makes {models.resolution} px images, the images are {images.shape[1]} px")
+    rng = jax.random.key(key)
+    k_stats, k_proj, k_dir = jax.random.split(rng, 3)
+    summary: dict = {}
+
+    # --- project into W+ ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    w_avg, w_std = projection.estimate_w_stats(models.mapping_fn, k_stats, z_dim=models.z_dim,
+                                               num_samples=2048, batch_size=256)
+    init = models.init_ws_fn(images) if models.init_ws_fn is not None else None
+    proj = projection.project(models.synthesis_fn, images, init_ws=init, w_avg=w_avg, num_ws=models.num_ws,
+                              w_std=float(w_std), perceptual_fn=models.perceptual_fn, key=k_proj,
+                              config=projection.ProjectionConfig(num_steps=settings.projection_steps))
+    ws = proj.ws
+    logits_in = np.asarray(models.classifier_fn(images))
+    logits_proj = np.asarray(models.classifier_fn(proj.images))
+    pred = logits_in.argmax(-1)
+    # the target: f's second most likely class for the input (the other class of a binary task)
+    target = np.argsort(-logits_in, axis=-1)[:, 1].astype(np.int32)
+    summary["projection MSE (mean)"] = float(np.mean(np.asarray(proj.final_loss)))
+    summary["f agrees on projection and input"] = float(np.mean(logits_proj.argmax(-1) == pred))
+    report.add_image_grid(
+        f"Projections into W+ ({settings.projection_steps} steps, perceptual: {models.perceptual_name}"
+        f"{', warm start: VisCoIN translator' if init is not None else ', start: w_avg'})",
+        np.concatenate([np.asarray(images), np.asarray(proj.images)]),
+        [f"input, f: {p}" for p in pred] + [f"projection, f: {p}" for p in logits_proj.argmax(-1)],
+        cols=len(pred))
+    log.info("projection: %.1fs", time.perf_counter() - t0)
+
+    # --- directions toward each target class ------------------------------------------------------
+    t0 = time.perf_counter()
+    ts = np.linspace(0.0, settings.max_shift * float(w_std), settings.num_series).astype(np.float32)
+    directions, notes = {}, []
+    for c in np.unique(target):
+        try:
+            fitted = latent_direction.logistic_regression_direction(
+                models.mapping_fn, models.synthesis_fn, models.classifier_fn, jax.random.fold_in(k_dir, int(c)),
+                int(c), num_samples=settings.direction_samples, z_dim=models.z_dim, batch_size=64)
+            directions[int(c)] = np.asarray(fitted.direction)
+            summary[f"direction to class {c}: logistic-regression accuracy"] = float(fitted.accuracy)
+        except ValueError as e:  # f gives every sample the same class: no regression possible
+            notes.append(f"class {c}: {e}")
+    grad_dirs = np.asarray(latent_direction.gradient_direction(
+        models.synthesis_fn, models.classifier_fn, ws, target, per_sample=True))
+    series, probs, grad_series, grad_probs, used = [], [], [], [], []
+    for i in range(len(pred)):
+        g_imgs, g_probs = latent_direction.decode_along_direction(
+            models.synthesis_fn, models.classifier_fn, ws[i], grad_dirs[i], ts)
+        grad_series.append(np.asarray(g_imgs))
+        grad_probs.append(np.asarray(g_probs))
+        if int(target[i]) in directions:
+            imgs, p = latent_direction.decode_along_direction(
+                models.synthesis_fn, models.classifier_fn, ws[i], directions[int(target[i])], ts)
+            series.append(np.asarray(imgs))
+            probs.append(np.asarray(p))
+            used.append("logistic regression")
+        else:
+            series.append(grad_series[-1])
+            probs.append(grad_probs[-1])
+            used.append("gradient")
+    series, probs = np.stack(series), np.stack(probs)
+    grad_series, grad_probs = np.stack(grad_series), np.stack(grad_probs)
+    cf_at, flipped = counterfactual_index(probs, target)
+    rows = np.arange(len(pred))
+    counterfactuals = series[rows, cf_at]
+    cf_ws = np.asarray(ws) + ts[cf_at][:, None, None] * np.stack(
+        [np.broadcast_to(directions.get(int(t), grad_dirs[i]), ws.shape[1:]) for i, t in enumerate(target)])
+    save_arrays(out, "latent_direction", images=np.asarray(images), projected_ws=np.asarray(ws),
+                projections=np.asarray(proj.images), target=target, shifts=ts, series=series, probs=probs,
+                gradient_series=grad_series, gradient_probs=grad_probs, counterfactuals=counterfactuals,
+                counterfactual_ws=cf_ws, flipped=flipped,
+                **{f"direction_to_{c}": d for c, d in directions.items()})
+    for name, ser, pr in (("logistic-regression direction", series, probs), ("gradient direction", grad_series,
+                                                                             grad_probs)):
+        if name.startswith("logistic") and not directions:
+            continue
+        for i in range(min(len(pred), 8)):
+            report.add_series(
+                f"Image {i}: {name} toward class {target[i]} (shift in units of w_std {float(w_std):.2f})",
+                ser[i], [f"t={t / float(w_std):.2f} p={pr[i, j, target[i]]:.2f}" for j, t in enumerate(ts)])
+    if notes:
+        report.add_section("Directions not fitted", "; ".join(notes) + " (the gradient direction is used)")
+    validity = cfm.validity(np.asarray(models.classifier_fn(jnp.asarray(counterfactuals))), target=target)
+    proximity = cfm.proximity(np.asarray(proj.images), counterfactuals)
+    summary["latent counterfactual validity"] = float(np.mean(validity.valid))
+    summary["latent counterfactual L1 to the projection"] = float(np.mean(proximity["l1"]))
+    summary["latent counterfactual shift (w_std units, mean)"] = float(np.mean(ts[cf_at]) / float(w_std))
+    if variant is not None:
+        from ..data.synthetic import measure_factors, measured_factor_roles
+
+        causal, nuisance, tolerance = measured_factor_roles(variant)
+        changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,
+                                             nuisance=nuisance, tolerance=tolerance)
+        summary["latent counterfactuals changing a causal factor"] = changes.any_causal
+        summary["latent counterfactuals changing a nuisance factor"] = changes.any_nuisance
+        summary["latent counterfactuals changing only causal factors"] = changes.causal_only
+        report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
+                         title=f"Factors changed by the latent counterfactuals (causal: {', '.join(causal)})")
+    log.info("latent directions: %.1fs", time.perf_counter() - t0)
+
+    # --- interpolation between the projection and the counterfactual --------------------------------
+    if "latent_interpolation" in methods:
+        t0 = time.perf_counter()
+        paths, maps, path_probs, layer_attr, gaps = [], [], [], [], []
+        for i in range(len(pred)):
+            inter = interpolation.latent_interpolation(models.synthesis_fn, ws[i], cf_ws[i],
+                                                       num_steps=settings.interpolation_steps,
+                                                       classifier_fn=models.classifier_fn)
+            ig = interpolation.latent_integrated_gradients(models.synthesis_fn, models.classifier_fn, ws[i],
+                                                           cf_ws[i], int(target[i]), num_steps=settings.ig_steps)
+            paths.append(np.asarray(inter.images))
+            maps.append(np.asarray(inter.difference_maps))
+            path_probs.append(np.asarray(inter.probs))
+            layer_attr.append(np.asarray(ig.layer_attributions))  # per W+ vector
+            gaps.append(float(ig.completeness_gap))
+        paths, maps, path_probs, layer_attr = map(np.stack, (paths, maps, path_probs, layer_attr))
+        save_arrays(out, "latent_interpolation", paths=paths, difference_maps=maps, probs=path_probs,
+                    layer_attributions=layer_attr, completeness_gap=np.asarray(gaps), target=target)
+        for i in range(min(len(pred), 8)):
+            caps = [f"a={a:.2f} p={path_probs[i, j, target[i]]:.2f}"
+                    for j, a in enumerate(np.linspace(0, 1, settings.interpolation_steps))]
+            report.add_series(f"Image {i}: interpolation to its counterfactual (class {target[i]})", paths[i], caps)
+            report.add_heatmaps(paths[i][1:], maps[i][1:], caps[1:], title=f"Image {i}: where the path changes it",
+                                cols=settings.interpolation_steps)
+        report.add_table([[i] + [f"{v:+.3f}" for v in layer_attr[i]] for i in range(len(pred))],
+                         ["image"] + [f"w{j}" for j in range(layer_attr.shape[1])],
+                         title="Integrated gradients of f's target logit per W+ vector (sum = logit change)")
+        summary["latent IG completeness gap (max |.|)"] = float(np.max(np.abs(gaps)))
+        log.info("latent interpolation: %.1fs", time.perf_counter() - t0)
+    return summary
+
+
+__all__ = ["LATENT_METHODS", "LatentModels", "LatentSettings", "models_from_generator", "counterfactual_index",
+           "explain_latent"]

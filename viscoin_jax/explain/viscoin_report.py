@@ -1,0 +1,191 @@
+"""VisCoIN explanations for the report: concepts, their drawings, and the FF / CC metrics.
+
+For a trained VisCoIN (frozen f and G, trained extractor Psi, head Theta, translator Omega):
+- per image: g's prediction, the reconstruction x~ = G(Omega(Psi(x))), the relevance of each
+  concept for the predicted class, and the top concepts drawn at lambda in {0, 1, 2, 4};
+- per class: the mean relevance over training images the head assigns to that class;
+- per concept: the training images that activate it most;
+- faithfulness FF (median per tau) on the given images and consistency CC_k (SVM trained on pairs
+  from training images, tested on pairs from the given images).
+
+On the embedded synthetic data, the measured factors of each image's top concept drawn at lambda 1
+vs 0 say whether removing the concept changes the causal factor or a nuisance factor.
+The math lives in `explain.concepts` and `metrics.viscoin_metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import concepts as concepts_lib
+from .report import Report, save_arrays
+
+log = logging.getLogger(__name__)
+
+VISCOIN_METHODS = ("concepts", "faithfulness", "consistency")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptSettings:
+    top_k: int = 3  # concepts drawn per image
+    lambdas: tuple[float, ...] = concepts_lib.DEFAULT_LAMBDAS
+    num_training_images: int = 256  # for class relevance, top-activating images and CC's training pairs
+    top_images: int = 6  # top-activating training images shown per concept
+    max_images_drawn: int = 8  # images whose concepts are drawn in the report
+    cc_amplification: float = 4.0
+
+
+def training_images(config, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of the training split, in order."""
+    from ..training import common
+
+    batch = int(config.eval.batch_size)
+    parts = list(common.eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split="train"))
+    if not parts:
+        raise ValueError("the training split yielded no batches")
+    images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]
+    labels = np.concatenate([np.asarray(p["label"]) for p in parts])[:num_images]
+    return images.astype(np.float32), labels
+
+
+def _batches(images: np.ndarray, size: int) -> list[np.ndarray]:
+    return [images[i:i + size] for i in range(0, len(images), size)]
+
+
+def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
+                    settings: ConceptSettings = ConceptSettings(), *, variant: str | None = None) -> dict:
+    """Runs the VisCoIN `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics."""
+    from ..metrics import counterfactual_metrics as cfm
+    from ..metrics import viscoin_metrics
+    from ..training.viscoin import viscoin_apply
+
+    unknown = [m for m in methods if m not in VISCOIN_METHODS]
+    if unknown:
+        raise ValueError(f"unknown VisCoIN methods {unknown}; known: {VISCOIN_METHODS}")
+    fns = viscoin_apply(task, state)
+    concepts_fn, head_fn = jax.jit(fns.concepts_fn), jax.jit(fns.head_fn)
+    decode = jax.jit(lambda phi, phi_prime: concepts_lib.decode_concepts(fns.translator_fn, fns.synthesis_fn,
+                                                                         phi, phi_prime))
+    images = jnp.asarray(data["images"])
+    phi, phi_prime = concepts_fn(images)
+    g_pred = np.asarray(head_fn(phi)).argmax(-1)
+    f_pred = np.asarray(jax.jit(fns.classifier_fn)(images)).argmax(-1)
+    reconstruction = np.asarray(decode(phi, phi_prime))
+    summary: dict = {"g fidelity to f (these images)": float(np.mean(g_pred == f_pred)),
+                     "reconstruction MSE": float(np.mean((reconstruction - np.asarray(images)) ** 2))}
+    if data.get("labels") is not None:
+        summary["g accuracy (these images)"] = float(np.mean(g_pred == data["labels"]))
+    n = len(g_pred)
+    report.add_image_grid("VisCoIN reconstructions x~ = G(Omega(Psi(x)))",
+                          np.concatenate([np.asarray(images), reconstruction]),
+                          [f"input, g: {g}, f: {f}" for g, f in zip(g_pred, f_pred)] + ["reconstruction"] * n,
+                          cols=n)
+    need_train = "concepts" in methods or "consistency" in methods
+    if need_train:
+        train_x, _ = training_images(task.config, settings.num_training_images)
+
+    if "concepts" in methods:
+        t0 = time.perf_counter()
+        k = min(settings.top_k, int(phi.shape[-1]))
+        relevance = np.asarray(concepts_lib.concept_relevance(phi, fns.head_weight, g_pred))
+        top_r, top_ids = (np.asarray(a) for a in concepts_lib.top_concepts(relevance, k))
+        shown = min(n, settings.max_images_drawn)
+        drawings = np.asarray(concepts_lib.concept_visualisation(
+            fns.translator_fn, fns.synthesis_fn, phi, phi_prime, top_ids, lambdas=settings.lambdas))
+        for i in range(shown):
+            for j in range(k):
+                report.add_series(f"Image {i} (g: class {g_pred[i]}): concept {top_ids[i, j]}, "
+                                  f"relevance {top_r[i, j]:+.2f}", drawings[i, j],
+                                  [f"lambda={lam:g}" for lam in settings.lambdas])
+        # class-level relevance and top-activating images, over training images
+        train_phi = np.concatenate([np.asarray(concepts_fn(b)[0]) for b in _batches(train_x, 64)])
+        train_pred = np.concatenate([np.asarray(head_fn(p)) for p in _batches(train_phi, 256)]).argmax(-1)
+        train_rel = concepts_lib.concept_relevance(train_phi, fns.head_weight, train_pred)
+        class_rel, counts = (np.asarray(a) for a in concepts_lib.class_relevance(
+            train_rel, train_pred, int(fns.head_weight.shape[1])))
+        report.add_table([[c, int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]] for c in range(len(counts))],
+                         ["class (g)", "images"] + [f"c{j}" for j in range(class_rel.shape[1])],
+                         title=f"Class-level concept relevance (mean over {len(train_x)} training images)")
+        top = concepts_lib.top_activating_images(fns.concepts_fn, _batches(train_x, 64), settings.top_images)
+        top_ids_train, top_scores = np.asarray(top.ids), np.asarray(top.scores)
+        for c in range(top_ids_train.shape[0]):
+            ids = top_ids_train[c][top_ids_train[c] >= 0]
+            report.add_image_grid(f"Concept {c}: the training images that activate it most", train_x[ids],
+                                  [f"#{i} act {s:.2f}" for i, s in zip(ids, top_scores[c])], cols=len(ids))
+        arrays = dict(phi=np.asarray(phi), phi_prime=np.asarray(phi_prime), relevance=relevance,
+                      top_concepts=top_ids, top_relevance=top_r, drawings=drawings,
+                      lambdas=np.asarray(settings.lambdas), g_predictions=g_pred, f_predictions=f_pred,
+                      reconstructions=reconstruction, class_relevance=class_rel, class_counts=counts,
+                      top_activating_ids=top_ids_train, top_activating_scores=top_scores)
+        lambdas = list(settings.lambdas)
+        if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
+            from ..data.synthetic import measure_factors, measured_factor_roles
+
+            causal, nuisance, tolerance = measured_factor_roles(variant)
+            changes = cfm.factor_change_analysis(
+                measure_factors, drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)],
+                causal=causal, nuisance=nuisance, tolerance=tolerance)
+            summary["top concepts whose removal changes a causal factor"] = changes.any_causal
+            summary["top concepts whose removal changes a nuisance factor"] = changes.any_nuisance
+            summary["top concepts changing only causal factors"] = changes.causal_only
+            report.add_table([[k_, v] for k_, v in changes.change_rate.items()], ["factor", "fraction changed"],
+                             title="Factors changed by removing each image's top concept (lambda 1 -> 0)")
+            arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in causal]), axis=0)
+        save_arrays(out, "concepts", **arrays)
+        log.info("concepts: %.1fs", time.perf_counter() - t0)
+
+    if "faithfulness" in methods:
+        t0 = time.perf_counter()
+        ff = viscoin_metrics.faithfulness(_batches(np.asarray(images), 32), concepts_fn=fns.concepts_fn,
+                                          head_fn=fns.head_fn, head_weight=fns.head_weight,
+                                          translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn)
+        report.add_table([[f"{t:g}", m] for t, m in zip(ff.taus, ff.median)], ["tau", "median FF"],
+                         title="Faithfulness FF (g's class probability lost when concepts with r > tau are removed)")
+        summary.update({f"FF median (tau {t:g})": float(m) for t, m in zip(ff.taus, ff.median)})
+        save_arrays(out, "faithfulness", taus=ff.taus, per_image=ff.per_image, median=ff.median)
+        log.info("faithfulness: %.1fs", time.perf_counter() - t0)
+
+    if "consistency" in methods:
+        t0 = time.perf_counter()
+        cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(np.asarray(images), 64),
+                                         concepts_fn=fns.concepts_fn, translator_fn=fns.translator_fn,
+                                         synthesis_fn=fns.synthesis_fn, feature_fn=fns.features_fn,
+                                         amplification=settings.cc_amplification)
+        report.add_table([[int(c), a, t] for c, a, t in zip(cc.concept_ids, cc.accuracy, cc.train_accuracy)],
+                         ["concept", "test accuracy", "train accuracy"],
+                         title=f"Consistency CC_k: linear SVM on f's stage-2 features, x+ (phi_k x "
+                               f"{settings.cc_amplification:g}) vs x- (phi_k = 0)")
+        summary["CC mean"], summary["CC std"] = cc.mean, cc.std
+        save_arrays(out, "consistency", concept_ids=cc.concept_ids, accuracy=cc.accuracy,
+                    train_accuracy=cc.train_accuracy)
+        log.info("consistency: %.1fs", time.perf_counter() - t0)
+    return summary
+
+
+def latent_models(task, state):
+    """The `latent_report.LatentModels` of a VisCoIN run: its f and G, the translator as warm start."""
+    from ..training.viscoin import viscoin_apply
+    from .latent_report import LatentModels
+
+    fns = viscoin_apply(task, state)
+
+    def mapping_fn(z):
+        return task._G().mapping(z)
+
+    def init_ws_fn(images):
+        return jax.jit(lambda x: fns.translator_fn(*fns.concepts_fn(x)))(images)
+
+    return LatentModels(fns.synthesis_fn, mapping_fn, fns.classifier_fn, task.z_dim, task.num_ws, task.resolution,
+                        perceptual_fn=task.perceptual, perceptual_name=task.perceptual_name,
+                        init_ws_fn=init_ws_fn)
+
+
+__all__ = ["VISCOIN_METHODS", "ConceptSettings", "training_images", "explain_viscoin", "latent_models"]
