@@ -37,6 +37,9 @@ def get_config(arg=None):
     for name in order:
         stage = _stage(STAGES[name])
         with stage.unlocked():
+            for link in ("classifier_workdir", "generator_workdir"):
+                if link in stage:
+                    stage[link] = ""  # filled by the pipeline with this run's stage directories
             if arg == "quick":  # a few steps per stage: checks the plumbing, not the quality
                 stage.train.num_steps = 4
                 stage.train.eval_every = 0
@@ -45,16 +48,27 @@ def get_config(arg=None):
                 stage.checkpoint.every = 4
                 if "eval" in stage and "max_batches" in stage.eval:
                     stage.eval.max_batches = 1
+                if "eval" in stage and "final_batches" in stage.eval:
+                    stage.eval.final_batches = 1
+                if "fid" in stage:
+                    stage.fid.num_samples = 64
+                if "data" in stage:
+                    stage.data.synthetic_size = 256
         c.stages[name] = stage
+    quick = arg == "quick"
     c.explain = ConfigDict(dict(
         enabled=True,
-        images="synthetic/blob_binary:test:16",
-        count=16 if arg != "quick" else 4,
-        classifier_methods=["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion",
-                            "deletion_insertion"] if arg != "quick" else ["gradient", "grad_cam"],
-        iresnet_methods=["gradient", "integrated_gradients", "iresnet_counterfactual"] if arg != "quick"
-        else ["iresnet_counterfactual"],
-        viscoin_methods=[],  # `explain` does not report VisCoIN checkpoints yet
+        images="synthetic/blob_binary:test:16",  # held-out images (the test split)
+        count=4 if quick else 16,
+        classifier_methods=["gradient", "grad_cam"] if quick else
+        ["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion", "deletion_insertion"],
+        iresnet_methods=["iresnet_counterfactual"] if quick else
+        ["gradient", "integrated_gradients", "iresnet_counterfactual"],
+        viscoin_methods=["concepts", "faithfulness", "latent_direction"] if quick else
+        ["concepts", "faithfulness", "consistency", "latent_direction", "latent_interpolation"],
+        projection_steps=5 if quick else 200,  # W+ projection (warm-started by VisCoIN's translator)
+        direction_samples=64 if quick else 512,  # generated samples for the logistic-regression direction
+        num_training_images=16 if quick else 256,  # class relevance, top-activating images, CC pairs
     ))
     if arg not in (None, "", "quick"):
         raise ValueError(f"unknown variant {arg!r} of demo (choose quick or nothing)")

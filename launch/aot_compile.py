@@ -11,6 +11,10 @@ Topologies:
   cpu:N       N fake CPU devices (the script re-executes itself with the XLA flag that makes them)
   tpu:NAME    a Cloud TPU topology by name (e.g. v5e:4x4, v4:2x2x2), through
               jax.experimental.topologies; needs libtpu installed (pip install 'jax[tpu]')
+  cuda:SxHxG  S slices of H hosts with G GPUs each (cuda:1x1x8: one 8-GPU node), through
+              jax.experimental.topologies and the CUDA plugin (pip install jax-cuda12-plugin; no
+              GPU or CUDA install needed); needs --gpu-target-config, a GpuTargetConfig text proto
+              describing the GPU model
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import re
 import sys
+import time
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _REEXEC_MARK = "VISCOIN_AOT_REEXEC"
@@ -29,9 +34,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="FILE[:VARIANT]")
-    p.add_argument("--topology", required=True, help="cpu:N or tpu:NAME")
+    p.add_argument("--topology", required=True, help="cpu:N, tpu:NAME or cuda:SxHxG")
     p.add_argument("--num-slices", type=int, default=1, help="TPU multi-slice count")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.add_argument("--hlo", default=None, help="also write the compiled HLO text to this file")
+    p.add_argument("--gpu-target-config", default=None, metavar="PBTXT",
+                   help="GpuTargetConfig text proto of the GPU model (cuda topologies)")
     return p.parse_known_args(argv)
 
 
@@ -67,7 +75,7 @@ def _cpu_devices_or_reexec(count: int, argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
 
-def _topology_devices(topology: str, num_slices: int):
+def _topology_devices(topology: str, num_slices: int, gpu_target_config: str | None = None):
     kind, _, name = topology.partition(":")
     if kind == "cpu":
         import jax
@@ -86,7 +94,17 @@ def _topology_devices(topology: str, num_slices: int):
         kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
         desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs)
         return desc.devices
-    raise SystemExit(f"aot_compile: unknown topology {topology!r} (use cpu:N or tpu:NAME)")
+    if kind == "cuda":
+        if not gpu_target_config:
+            raise SystemExit("aot_compile: cuda topologies need --gpu-target-config")
+        from jax.experimental import topologies
+        with open(gpu_target_config) as f:
+            target_config = f.read()
+        desc = topologies.get_topology_desc(topology_name="gpu", platform="cuda",
+                                            target_config=target_config, topology=name)
+        return desc.devices
+    raise SystemExit(f"aot_compile: unknown topology {topology!r} "
+                     "(use cpu:N, tpu:NAME or cuda:SxHxG)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if not count.isdigit() or int(count) < 1:
             raise SystemExit(f"aot_compile: bad topology {args.topology!r} (cpu:N with N >= 1)")
         _cpu_devices_or_reexec(int(count), argv)
+    if kind == "cuda":  # compiling only: the plugin's check of a local CUDA install is moot
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
     import jax  # only now: the device flags above must be set first
 
@@ -105,14 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     from viscoin_jax.training.train_cli import trainer_module
 
     config = load_config(args.config, overrides)
-    devices = _topology_devices(args.topology, args.num_slices)
+    devices = _topology_devices(args.topology, args.num_slices, args.gpu_target_config)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     task = trainer_module(config.trainer).make_task(config)
     compiled_task = loop.compile_task(task, mesh)
     batch = loop.abstract_global_batch(task, config, mesh)
+    start = time.perf_counter()
     lowered = compiled_task.train_step.trace(compiled_task.abstract_state, batch).lower()
+    lowered_at = time.perf_counter()
     compiled = lowered.compile()
+    seconds = {"lower": round(lowered_at - start, 1),
+               "compile": round(time.perf_counter() - lowered_at, 1)}
 
+    hlo_text = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo_text)
     memory = {}
     stats = compiled.memory_analysis()
     if stats is not None:
@@ -131,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "global_batch": config.train.batch_size,
         "state_elements": int(params),
         "memory_per_device": memory,
-        "collectives": count_collectives(compiled.as_text()),
+        "collectives": count_collectives(hlo_text),
+        "seconds": seconds,
     }
     print(f"train step of {args.config} on {args.topology}: mesh {report['mesh']}, "
           f"global batch {report['global_batch']}, {params:,} state elements")
@@ -142,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("per-device memory: not reported by this backend")
     print("collectives: " + ", ".join(f"{k}={v}" for k, v in report["collectives"].items()))
+    print(f"trace + lower {seconds['lower']}s, compile {seconds['compile']}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

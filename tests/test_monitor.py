@@ -304,3 +304,17 @@ def test_loop_rejects_batches_of_the_wrong_size(tmp_path):
     with pytest.raises(ValueError,
                        match=r"batch entry \['x'\] has 8 rows .*config.train.batch_size is 16"):
         run_training(ShortBatches(config), config, tmp_path)
+
+
+def test_scalars_history_reads_back_in_order(tmp_path):
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(4, 2))
+    writer = monitor.MetricWriter(tmp_path)
+    for step, (a, b) in zip((3, 7, 11, 20), values):
+        writer.write_scalars(step, {"train/loss": a} if step == 7 else {"train/loss": a, "eval/fid": b})
+    writer.close()
+    history = monitor.read_scalars(tmp_path)
+    assert history["train/loss"] == [(s, float(v)) for s, v in zip((3, 7, 11, 20), values[:, 0])]
+    assert history["eval/fid"] == [(s, float(v)) for s, v in zip((3, 11, 20), values[[0, 2, 3], 1])]
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        monitor.read_scalars(tmp_path / "nothing")

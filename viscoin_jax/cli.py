@@ -18,6 +18,8 @@ COMMANDS = {
     "explain": "viscoin_jax.explain.run",
     "run": "viscoin_jax.pipeline",
     "convert": "viscoin_jax.convert.cli",
+    "results": "viscoin_jax.results",
+    "bench-stylegan2": "viscoin_jax.training.bench_step",
 }
 
 

@@ -76,18 +76,38 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
 
 
 def run_explanations(config: Any, workdir: Path) -> dict:
+    """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
+    from .explain.latent_report import LatentSettings
     from .explain.run import explain
+    from .explain.viscoin_report import ConceptSettings
 
-    out = {}
     e = config.explain
+    latent = LatentSettings(projection_steps=int(e.projection_steps), direction_samples=int(e.direction_samples))
+    concepts = ConceptSettings(num_training_images=int(e.num_training_images))
+    out = {}
     for stage, methods in (("classifier", list(e.classifier_methods)), ("iresnet", list(e.iresnet_methods)),
                            ("viscoin", list(e.viscoin_methods))):
         if stage not in config.stage_order or not methods:
             continue
-        report = explain(str(workdir / stage), e.images, methods, str(workdir / "report" / stage),
-                         count=int(e.count))
-        out[stage] = str(report)
+        stage_out = workdir / "report" / stage
+        path = explain(str(workdir / stage), e.images, methods, str(stage_out), count=int(e.count),
+                       latent_settings=latent, concept_settings=concepts)
+        out[stage] = {"report": str(path), "metrics": json.loads((stage_out / "metrics.json").read_text())}
+    if out:
+        write_index(workdir / "report", out)
     return out
+
+
+def write_index(report_dir: Path, reports: dict) -> Path:
+    """report/index.html: a link to each stage's report and its headline metrics."""
+    from .explain.report import Report
+
+    index = Report("viscoin-jax pipeline: explanations")
+    for stage, item in reports.items():
+        rel = Path(item["report"]).relative_to(report_dir)
+        index.add_link(f"{stage}: report", rel.as_posix())
+        index.add_metrics(item["metrics"], title=f"{stage}: metrics")
+    return index.write(report_dir, name="index.html")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -147,6 +147,12 @@ class Report:
         self._blocks.append("\n".join(parts))
         return self
 
+    def add_link(self, title: str, href: str, text: str | None = None) -> "Report":
+        """A heading and a link (e.g. to another report beside this one)."""
+        self._blocks.append(f"<h2>{html.escape(str(title))}</h2>\n<p><a href=\"{html.escape(str(href), quote=True)}\">"
+                            f"{html.escape(str(text or href))}</a></p>")
+        return self
+
     def add_image_grid(self, title: str | None, images, captions: Sequence[str] | None = None, cols: int = 4,
                        *, display_width: int | None = None) -> "Report":
         """Images in a grid of `cols` columns with optional captions."""
@@ -231,13 +237,13 @@ class Report:
     def _repr_html_(self) -> str:
         return self.to_html()
 
-    def write(self, out_dir) -> Path:
-        """Writes out_dir/report.html (creating out_dir) and returns its path."""
+    def write(self, out_dir, name: str = "report.html") -> Path:
+        """Writes out_dir/<name> (creating out_dir) and returns its path."""
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"out_dir {out} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "report.html"
+        path = out / name
         path.write_text(self.to_html(), encoding="utf-8")
         return path
 

@@ -52,6 +52,7 @@ def load_images(spec: str, resolution: int, count: int | None = None) -> dict[st
         parts = spec[len("synthetic/"):].split(":")
         variant, split = parts[0], parts[1] if len(parts) > 1 else "test"
         n = int(parts[2]) if len(parts) > 2 else (count or 16)
+        n = min(n, count) if count else n
         source = SyntheticConcepts(variant, resolution=resolution, size=max(n, 1), split=split)
         items = [source[i] for i in range(n)]
         images = np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1.0
@@ -122,7 +123,8 @@ def classifier_functions(task, state):
     return classifier_fn, features_and_logits_fn
 
 
-def explain_classifier(task, state, data, methods, report, out: Path, *, key: int = 0) -> dict:
+def explain_classifier(task, state, data, methods, report, out: Path, *, key: int = 0,
+                       variant: str | None = None) -> dict:
     from ..metrics import attribution_metrics
     from . import attributions as attr
     from .report import save_arrays
@@ -181,12 +183,12 @@ def explain_classifier(task, state, data, methods, report, out: Path, *, key: in
                          title="Deletion / insertion (RISE)")
         summary.update({f"{r[0]} deletion AUC": r[1] for r in rows})
     if "iresnet_counterfactual" in methods:
-        summary.update(_iresnet_counterfactuals(task, state, data, report, out))
+        summary.update(_iresnet_counterfactuals(task, state, data, report, out, variant))
     report.add_metrics(summary, title="Summary")
     return summary
 
 
-def _iresnet_counterfactuals(task, state, data, report, out: Path) -> dict:
+def _iresnet_counterfactuals(task, state, data, report, out: Path, variant: str | None = None) -> dict:
     if task.config.model.name != "iresnet":
         raise ValueError("iresnet_counterfactual needs an i-ResNet checkpoint, got a "
                          f"{task.config.model.name!r} classifier")
@@ -208,9 +210,22 @@ def _iresnet_counterfactuals(task, state, data, report, out: Path) -> dict:
     report.add_image_grid("i-ResNet counterfactuals (to the other class)", np.concatenate([data["images"], cfs]),
                           [f"input, pred {p}" for p in pred] + [f"counterfactual -> {t}" for t in target],
                           cols=len(pred))
-    return {"i-ResNet counterfactual validity": float(np.mean(np.asarray(result.valid))),
-            "i-ResNet inverse converged": float(np.mean(np.asarray(result.converged))),
-            "i-ResNet counterfactual L1": float(np.mean(np.asarray(proximity(images, cfs)["l1"])))}
+    metrics = {"i-ResNet counterfactual validity": float(np.mean(np.asarray(result.valid))),
+               "i-ResNet inverse converged": float(np.mean(np.asarray(result.converged))),
+               "i-ResNet counterfactual L1": float(np.mean(np.asarray(proximity(images, cfs)["l1"])))}
+    if variant is not None:  # which generative factors the counterfactuals changed (measured on the images)
+        from ..data.synthetic import measure_factors, measured_factor_roles
+        from ..metrics.counterfactual_metrics import factor_change_analysis
+
+        causal, nuisance, tolerance = measured_factor_roles(variant)
+        changes = factor_change_analysis(measure_factors, images, cfs, causal=causal, nuisance=nuisance,
+                                         tolerance=tolerance)
+        metrics["i-ResNet counterfactuals changing a causal factor"] = changes.any_causal
+        metrics["i-ResNet counterfactuals changing a nuisance factor"] = changes.any_nuisance
+        metrics["i-ResNet counterfactuals changing only causal factors"] = changes.causal_only
+        report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
+                         title=f"Factors changed by the i-ResNet counterfactuals (causal: {', '.join(causal)})")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,9 +294,9 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 
                 f_task, f_state, _ = classifier_lib.load(config.classifier_workdir)
                 report.add_section("Classifier f", f"attributions of {config.classifier_workdir}")
-                summary.update(explain_classifier(f_task, f_state, data, group, report, out_dir))
+                summary.update(explain_classifier(f_task, f_state, data, group, report, out_dir, variant=variant))
             else:
-                summary.update(explain_classifier(task, state, data, group, report, out_dir))
+                summary.update(explain_classifier(task, state, data, group, report, out_dir, variant=variant))
         elif name == "VisCoIN concepts":
             summary.update(explain_viscoin(task, state, data, group, report, out_dir,
                                            concept_settings or ConceptSettings(), variant=variant))

@@ -8,6 +8,7 @@ TensorBoard event files are written by a small encoder here (scalars, images, te
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import socket
@@ -159,7 +160,8 @@ class EventFileWriter:
 
 
 class MetricWriter:
-    """Console log plus, unless `just_logging` or `logdir` is None, TensorBoard event files.
+    """Console log plus, unless `just_logging` or `logdir` is None, TensorBoard event files and
+    `logdir/metrics.jsonl` (one {"step": s, name: value, ...} line per write_scalars; for scripts).
 
     Same method names as clu's `MetricWriter`. In multi-process runs only process 0 should write
     event files: `create_default_writer` passes `just_logging=True` on the others.
@@ -167,8 +169,10 @@ class MetricWriter:
 
     def __init__(self, logdir: str | Path | None, *, just_logging: bool = False):
         self._events = None
+        self._jsonl = None
         if logdir is not None and not just_logging:
             self._events = EventFileWriter(logdir)
+            self._jsonl = Path(logdir) / "metrics.jsonl"
 
     @property
     def event_file(self) -> Path | None:
@@ -180,6 +184,8 @@ class MetricWriter:
         if self._events is not None:
             self._events.add(step, [_scalar_value(k, v) for k, v in scalars.items()])
             self._events.flush()
+            with open(self._jsonl, "a") as f:
+                f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         """Images as uint8 [H, W, C] or [N, H, W, C] (each of the N is written)."""
@@ -214,6 +220,21 @@ class MetricWriter:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(step, value), ...]} from `logdir/metrics.jsonl` (a run's scalar history, e.g. its FID trend)."""
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (was the run written by MetricWriter?)")
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            step = int(record.pop("step"))
+            for name, value in record.items():
+                out.setdefault(name, []).append((step, float(value)))
+    return out
 
 
 def create_default_writer(logdir: str | Path | None, *, just_logging: bool | None = None

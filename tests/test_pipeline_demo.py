@@ -1,0 +1,93 @@
+"""The main job end to end: `viscoin-jax run --config configs/demo.py:quick` in a new process (a few
+steps per stage), then `explain` and `results` from its checkpoints in new processes, and a second
+`run` that skips every finished stage."""
+
+import html.parser
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from viscoin_jax import pipeline
+from viscoin_jax.training.config import load_config
+
+STAGES = ("classifier", "iresnet", "stylegan2", "viscoin")
+
+
+def _cli(*args, timeout=1500):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, "-m", "viscoin_jax.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    proc = _cli("run", "--config", "configs/demo.py:quick", "--workdir", str(workdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.images += tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,")
+        if tag == "a":
+            self.links.append(attrs.get("href"))
+
+
+def test_every_stage_leaves_a_checkpoint_and_the_reports_exist(demo):
+    workdir, proc = demo
+    summary = json.loads((workdir / "summary.json").read_text())
+    for stage in STAGES:
+        steps = [p for p in (workdir / stage / "checkpoints").iterdir() if p.name.isdigit()]
+        assert steps and (workdir / stage / pipeline.DONE).is_file(), stage
+        assert summary[stage]["stage"] == stage
+    # the numbers in the summary are the stages' own evaluation files
+    clf_eval = json.loads((workdir / "classifier" / "eval_metrics.json").read_text())
+    assert summary["classifier"]["metrics"]["accuracy"] == clf_eval["accuracy"]
+    assert summary["stylegan2"]["metrics"]["fid"] == json.loads((workdir / "stylegan2" / "fid.json").read_text())["fid"]
+    index = _Images()
+    index.feed((workdir / "report" / "index.html").read_text())
+    assert sorted(index.links) == [f"{s}/report.html" for s in ("classifier", "iresnet", "viscoin")]
+    for stage in ("classifier", "iresnet", "viscoin"):
+        page = _Images()
+        page.feed((workdir / "report" / stage / "report.html").read_text())
+        assert page.images > 0, stage
+    metrics = summary["explain"]["viscoin"]["metrics"]
+    assert 0.0 <= metrics["latent counterfactual validity"] <= 1.0 and "FF median (tau 0.1)" in metrics
+    assert "progress" in proc.stderr or "steps/s" in proc.stderr  # progress is shown
+
+
+def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_path):
+    workdir, _ = demo
+    out = tmp_path / "explain"
+    proc = _cli("explain", "--checkpoint", str(workdir / "viscoin"), "--images", "synthetic/blob_binary:test:2",
+                "--methods", "concepts", "gradient", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "concepts.npz").is_file() and (out / "gradient.npz").is_file()
+    proc = _cli("results", "--workdir", str(workdir), "--out", str(tmp_path / "results.md"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert f"{summary['classifier']['metrics']['accuracy']:.3f}" in text
+    assert f"{summary['stylegan2']['metrics']['fid']:.3f}" in text
+    assert "## Comparison with the paper" in text
+
+
+def test_a_second_run_skips_finished_stages(demo, caplog):
+    workdir, _ = demo
+    config = load_config("configs/demo.py:quick", [])
+    with config.unlocked():
+        config.explain.enabled = False
+    caplog.set_level("INFO", logger="viscoin_jax.run")
+    pipeline.run_pipeline(config, workdir)
+    skipped = [r.getMessage() for r in caplog.records if "complete, skipped" in r.getMessage()]
+    assert len(skipped) == len(STAGES)
