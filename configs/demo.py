@@ -15,7 +15,10 @@ from viscoin_jax.training.config import load_config
 
 HERE = Path(__file__).resolve().parent
 
-# stage -> (config file[:variant], available?)
+# training steps of each stage in the demo (the stage configs' own defaults train longer)
+DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 200, "viscoin": 200}
+
+# stage -> config file[:variant]
 STAGES = {
     "classifier": "classifier_synthetic.py:resnet",
     "iresnet": "classifier_synthetic.py:iresnet",
@@ -40,6 +43,12 @@ def get_config(arg=None):
             for link in ("classifier_workdir", "generator_workdir"):
                 if link in stage:
                     stage[link] = ""  # filled by the pipeline with this run's stage directories
+            if arg != "quick":  # sized so the whole demo takes about 15 minutes on a 2-core CPU
+                stage.train.num_steps = DEMO_STEPS[name]
+                stage.checkpoint.every = DEMO_STEPS[name]
+                if name == "stylegan2":
+                    stage.train.eval_every = stage.train.sample_every = DEMO_STEPS[name] // 4
+                    stage.fid.num_samples = 128
             if arg == "quick":  # a few steps per stage: checks the plumbing, not the quality
                 stage.train.num_steps = 4
                 stage.train.eval_every = 0

@@ -549,4 +549,5 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         return _modulated_conv2d_pallas(x, weight, styles, demodulate=demodulate, up=up, down=down,
                                         padding=padding, f=f, backend=backend)
 
-    return dispatch(impl, xla_fn, kernel_fn, x, weight, styles)
+    return dispatch(impl, xla_fn, kernel_fn, x, weight, styles,
+                    batched=(True, False, styles.shape[0] == x.shape[0]))

@@ -168,6 +168,15 @@ def test_progress_rate_and_eta(caplog):
     timed(0)
     now[0] += 60
     assert timed(3)["steps_per_sec"] == pytest.approx(0.05)
+    # the rate is timed after `sync` (the steps in flight finishing), not at dispatch
+    synced = monitor.Progress(100, every_steps=5, every_secs=None, clock=lambda: now[0])
+    synced(0)
+    now[0] += 1.0
+
+    def finish_in_flight_steps():
+        now[0] += 4.0
+    assert synced(5, sync=finish_in_flight_steps)["steps_per_sec"] == pytest.approx(1.0)
+    assert synced(6, sync=lambda: pytest.fail("sync runs only when a report is due")) is None
     assert monitor.format_duration(3 * 3600 + 61) == "3h01m01s"
 
 

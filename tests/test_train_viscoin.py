@@ -158,6 +158,13 @@ def test_train_freezes_f_and_g_writes_eval_and_reloads(frozen_runs, tmp_path):
         np.testing.assert_array_equal(a, b)
     meta = loaded_task.model_metadata()
     assert meta["kind"] == "viscoin" and meta["generator_workdir"] == str(frozen_runs[1])
+    # asked for one more step, the run resumes from its step-2 checkpoint (8 devices, sharded batch)
+    more = _config(frozen_runs, "--config.train.num_steps=3", "--config.checkpoint.every=3",
+                   "--config.train.batch_size=8")
+    resumed, _ = viscoin.train(more, str(tmp_path / "v"))
+    assert resumed.step == 3
+    changed = [not np.array_equal(a, b) for a, b in zip(_flat(resumed.state["task"]["params"]), _flat(state["params"]))]
+    assert any(changed)
 
 
 def test_bad_configs_are_rejected(frozen_runs, tmp_path):

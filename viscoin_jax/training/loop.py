@@ -119,6 +119,29 @@ class TrainResult:
 # The compiled functions
 
 
+class MeshJit:
+    """A jitted function that is traced, lowered and run with its mesh set (`jax.set_mesh`).
+
+    The Pallas kernels read the mesh while tracing to run per device on the batch slice
+    (`kernels._dispatch.shard_over_batch`); the mesh's axes are Auto, so nothing else changes.
+    """
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.trace(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)
+
+
 @dataclasses.dataclass
 class Compiled:
     """The jitted functions of a task on a mesh, plus the abstract state they work on."""
@@ -155,15 +178,15 @@ def compile_task(task: Task, mesh: Mesh) -> Compiled:
 
     eval_step = None
     if task.eval_step is not None:
-        eval_step = jax.jit(lambda state, batch: task.eval_step(state["task"], batch),
-                            in_shardings=(shardings, batch), out_shardings=repl)
+        eval_step = MeshJit(jax.jit(lambda state, batch: task.eval_step(state["task"], batch),
+                                    in_shardings=(shardings, batch), out_shardings=repl), mesh)
     return Compiled(
         mesh=mesh,
         abstract_state=mesh_lib.abstract_with_sharding(shapes, shardings),
         state_shardings=shardings,
-        init=jax.jit(init, out_shardings=shardings),
-        train_step=jax.jit(train_step, in_shardings=(shardings, batch),
-                           out_shardings=(shardings, repl), donate_argnums=0),
+        init=MeshJit(jax.jit(init, out_shardings=shardings), mesh),
+        train_step=MeshJit(jax.jit(train_step, in_shardings=(shardings, batch),
+                                   out_shardings=(shardings, repl), donate_argnums=0), mesh),
         eval_step=eval_step,
     )
 
@@ -343,7 +366,7 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                                   data_state=get_data_state() if get_data_state else None,
                                   metrics=step_eval or None, config=config_json, metadata=metadata)
                 last_checkpoint = step
-            progress(step)
+            progress(step, sync=lambda: jax.block_until_ready(metrics))
             if preempted:
                 log.warning("stopping at step %d after a preemption notice (checkpoint saved)",
                             step)

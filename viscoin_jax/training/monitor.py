@@ -263,8 +263,12 @@ class Progress:
         self._last_step: int | None = None
         self._last_time = 0.0
 
-    def __call__(self, step: int) -> dict[str, float] | None:
-        """Call after every step; returns the reported numbers when it reports."""
+    def __call__(self, step: int, sync: Callable[[], Any] | None = None) -> dict[str, float] | None:
+        """Call after every step; returns the reported numbers when it reports.
+
+        `sync` (e.g. blocking on the step's outputs) runs before a report is timed: JAX dispatches
+        steps asynchronously, so without it the rate would count dispatched, not finished, steps.
+        """
         now = self.clock()
         if self._last_step is None:  # the first call only starts the clock (it includes compiling)
             self._last_step, self._last_time = step, now
@@ -273,6 +277,9 @@ class Progress:
             self.every_secs is not None and now - self._last_time >= self.every_secs)
         if not due or step == self._last_step or now <= self._last_time:
             return None
+        if sync is not None:
+            sync()
+            now = self.clock()
         rate = (step - self._last_step) / (now - self._last_time)
         eta = (self.num_steps - step) / rate if rate > 0 else math.inf
         self._last_step, self._last_time = step, now
