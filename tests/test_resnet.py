@@ -129,3 +129,20 @@ def test_bad_inputs():
         model(jnp.zeros((1, 32, 32, 3), jnp.int32))
     with pytest.raises(ValueError, match="at least 32x32"):
         model(jnp.zeros((1, 16, 16, 3)))
+
+
+def test_max_pool_matches_a_loop_and_differentiates_under_jit():
+    """The stem's max pool equals a direct loop (padding never wins) and jit(grad) works through it:
+    the VisCoIN step differentiates through f's stem (the fallback perceptual loss)."""
+    from viscoin_jax.models.resnet import max_pool_3x3_s2
+
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32) - 5.0  # all negative
+    got = np.asarray(max_pool_3x3_s2(jnp.asarray(x)))
+    ref = np.full((2, 4, 3, 3), -np.inf)
+    for i in range(4):
+        for j in range(3):
+            ref[:, i, j] = x[:, max(2 * i - 1, 0):2 * i + 2, max(2 * j - 1, 0):2 * j + 2].max(axis=(1, 2))
+    np.testing.assert_array_equal(got, ref)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(max_pool_3x3_s2(v) ** 2)))(jnp.asarray(x))
+    # each output's gradient 2 * max lands on its arg-max input
+    assert np.isclose(float(np.sum(grad)), float(np.sum(2 * ref)), rtol=1e-5)

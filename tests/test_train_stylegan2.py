@@ -207,3 +207,21 @@ def test_bad_configs_are_rejected():
         sg.make_task(_config("--config.ada.preset=bgc"))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         sg.fid_extractor(_config("--config.fid.inception_weights=/nonexistent/fid.npz"))
+
+
+@pytest.mark.slow  # tracing the second-order step with every Pallas branch takes minutes on CPU
+def test_sharded_pallas_step_lowers_for_tpu_and_gpu():
+    """The whole training step (R1, path length, ADA) with the Pallas kernels, data parallel x FSDP
+    over 8 devices, lowers for TPU (Mosaic calls inside shard_map, never partitioned by XLA) and GPU."""
+    from viscoin_jax.training.loop import abstract_global_batch
+
+    config = _config("--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.model.generator.impl=pallas",
+                     "--config.model.discriminator.impl=pallas")
+    task = sg.make_task(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    compiled = compile_task(task, mesh)
+    traced = compiled.train_step.trace(compiled.abstract_state, abstract_global_batch(task, config, mesh))
+    with jax.set_mesh(mesh):
+        tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
+        gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert tpu.count("tpu_custom_call") >= 50 and gpu.count("__gpu$xla.gpu.triton") >= 50

@@ -73,8 +73,11 @@ def _bn(c, *, dtype, rngs):
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    """torch MaxPool2d(3, stride=2, padding=1): padding never wins the max.
+
+    The init value is a Python scalar: a traced array there makes jit(grad(.)) fail to linearise.
+    """
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
