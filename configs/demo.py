@@ -47,7 +47,8 @@ def get_config(arg=None):
                 stage.train.num_steps = DEMO_STEPS[name]
                 stage.checkpoint.every = DEMO_STEPS[name]
                 if name == "stylegan2":
-                    stage.train.eval_every = stage.train.sample_every = DEMO_STEPS[name] // 4
+                    stage.train.eval_every = DEMO_STEPS[name] // 2  # FID of G_ema (about 30 s each)
+                    stage.train.sample_every = DEMO_STEPS[name] // 4
                     stage.fid.num_samples = 128
             if arg == "quick":  # a few steps per stage: checks the plumbing, not the quality
                 stage.train.num_steps = 4
@@ -75,7 +76,7 @@ def get_config(arg=None):
         ["gradient", "integrated_gradients", "iresnet_counterfactual"],
         viscoin_methods=["concepts", "faithfulness", "latent_direction"] if quick else
         ["concepts", "faithfulness", "consistency", "latent_direction", "latent_interpolation"],
-        projection_steps=5 if quick else 200,  # W+ projection (warm-started by VisCoIN's translator)
+        projection_steps=5 if quick else 50,  # W+ projection (warm-started by VisCoIN's translator)
         direction_samples=64 if quick else 512,  # generated samples for the logistic-regression direction
         num_training_images=16 if quick else 256,  # class relevance, top-activating images, CC pairs
     ))

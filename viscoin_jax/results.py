@@ -117,7 +117,9 @@ def render(data: dict[str, Any], workdir: str) -> str:
                   "Top concepts: removing each held-out image's most relevant concept (lambda 1 -> 0) changed "
                   f"a causal factor in {_fmt(em.get('top concepts whose removal changes a causal factor'))} of "
                   f"the images, a nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}, "
-                  f"and only causal factors in {_fmt(em.get('top concepts changing only causal factors'))}.", ""]
+                  f"and only causal factors in {_fmt(em.get('top concepts changing only causal factors'))} "
+                  f"(a blob was measurable in {_fmt(em.get('reconstructions with a measurable blob'))} of the "
+                  "reconstructions; where none is, colour and shape read as unknown before and after).", ""]
     parts += ["## Counterfactuals (held-out images)", "",
               _table(["method", "validity", "L1 to input / projection", "changed a causal factor",
                       "changed a nuisance factor", "causal only"], [
@@ -131,6 +133,9 @@ def render(data: dict[str, Any], workdir: str) -> str:
                    em.get("latent counterfactuals changing a nuisance factor"),
                    em.get("latent counterfactuals changing only causal factors")],
               ]), ""]
+    if em.get("projections with a measurable blob") is not None:
+        parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "
+                  "the latent counterfactuals start from.", ""]
     if cm:
         parts += ["## Attributions of f (held-out images)", "",
                   _table(["metric", "value"], [[k, v] for k, v in cm.items()]), ""]

@@ -191,6 +191,7 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         from ..data.synthetic import measure_factors, measured_factor_roles
 
         causal, nuisance, tolerance = measured_factor_roles(variant)
+        summary["projections with a measurable blob"] = float(np.mean(measure_factors(np.asarray(proj.images))["found"]))
         changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,
                                              nuisance=nuisance, tolerance=tolerance)
         summary["latent counterfactuals changing a causal factor"] = changes.any_causal

@@ -130,6 +130,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
             from ..data.synthetic import measure_factors, measured_factor_roles
 
             causal, nuisance, tolerance = measured_factor_roles(variant)
+            summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             changes = cfm.factor_change_analysis(
                 measure_factors, drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)],
                 causal=causal, nuisance=nuisance, tolerance=tolerance)
