@@ -174,3 +174,19 @@ def test_bad_configs_are_rejected(frozen_runs, tmp_path):
         viscoin.make_task(_config(frozen_runs, "--config.model.num_classes=3"))
     with pytest.raises(FileNotFoundError):
         viscoin.make_task(_config(frozen_runs, f"--config.loss.lpips_weights={tmp_path / 'missing.npz'}"))
+
+
+def test_evaluation_reports_faithfulness_of_the_eval_batches(task_and_state):
+    """FF during training: the medians over the evaluation split, per tau, as the metric defines them."""
+    from viscoin_jax.metrics.viscoin_metrics import faithfulness
+
+    task, state = task_and_state
+    got = task.host_evaluate(state)
+    images = [b["image"] for b in task.make_eval_iterator()]
+    fns = viscoin.viscoin_apply(task, state)
+    ff = faithfulness(images, concepts_fn=fns.concepts_fn, head_fn=fns.head_fn, head_weight=fns.head_weight,
+                      translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn, taus=(0.1, 0.2, 0.4))
+    assert set(got) == {"ff_tau0.1", "ff_tau0.2", "ff_tau0.4"}
+    np.testing.assert_allclose([got["ff_tau0.1"], got["ff_tau0.2"], got["ff_tau0.4"]],
+                               np.median(ff.per_image, axis=1), rtol=1e-5, atol=1e-7)
+    assert ff.per_image.shape[1] == sum(len(b) for b in images)

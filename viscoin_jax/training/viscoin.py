@@ -231,7 +231,20 @@ class VisCoINTask(Task):
         return {"accuracy": jnp.mean(g_pred == batch["label"]),
                 "classifier_accuracy": jnp.mean(f_pred == batch["label"]),
                 "fidelity": jnp.mean(g_pred == f_pred),
-                "mse": jnp.mean(jnp.square(out["reconstruction"] - batch["image"]))}
+                "mse": jnp.mean(jnp.square(out["reconstruction"] - batch["image"])),
+                "perceptual": jnp.mean(self.perceptual(out["reconstruction"], batch["image"].astype(jnp.float32)))}
+
+    def host_evaluate(self, state):
+        """Faithfulness FF (median over the evaluation batches) at tau 0.1 / 0.2 / 0.4, at each evaluation."""
+        from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
+
+        batches = [b["image"] for b in self.make_eval_iterator()]
+        if not batches:
+            return {}
+        fns = viscoin_apply(self, jax.device_get(state))
+        ff = faithfulness(batches, concepts_fn=fns.concepts_fn, head_fn=fns.head_fn, head_weight=fns.head_weight,
+                          translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn, taus=DEFAULT_TAUS)
+        return {f"ff_tau{float(t):g}": float(m) for t, m in zip(ff.taus, ff.median)}
 
     # -- data, samples, metadata ------------------------------------------------------------------
     def make_train_iterator(self, data_state):
