@@ -262,3 +262,18 @@ def test_maybe_initialize_calls_jax_only_for_multi_process(monkeypatch):
     env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     assert distributed.maybe_initialize_distributed(env) is True
     assert calls == [{"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}]
+
+
+@pytest.mark.parametrize("spec", ["configs/pipeline_cub.py", "configs/pipeline_cub.py:nct", "configs/demo.py",
+                                  "configs/demo.py:quick"])
+def test_pipeline_configs_load_and_leave_links_to_the_pipeline(spec):
+    from viscoin_jax.training.config import load_config as load
+
+    config = load(spec, [])
+    assert list(config.stage_order) == ["classifier", "iresnet", "stylegan2", "viscoin"]
+    vis = config.stages.viscoin
+    assert vis.classifier_workdir == "" and vis.generator_workdir == ""  # filled with this run's stages
+    assert config.stages.classifier.model.num_classes == vis.model.num_classes
+    assert config.stages.stylegan2.data.resolution == vis.data.resolution == config.stages.classifier.data.resolution
+    with pytest.raises(ValueError, match="unknown variant"):
+        load(spec.split(":")[0] + ":nope", [])

@@ -95,3 +95,15 @@ def test_bad_input_gives_clear_errors(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         explain_run.explain(str(tmp_path / "nothing"), "synthetic/blob_binary:test:2", ["gradient"],
                             str(tmp_path / "o"))
+
+
+def test_images_from_the_runs_own_data_set(checkpoint, tmp_path):
+    """--images dataset:<split>:N reads the run's data set (here the synthetic one) in order."""
+    from viscoin_jax.data.synthetic import SyntheticConcepts
+
+    explain_run.explain(str(checkpoint), "dataset:test:3", ["gradient"], str(tmp_path))
+    with np.load(tmp_path / "gradient.npz") as arrays:
+        images = arrays["images"]
+    source = SyntheticConcepts("blob_binary", resolution=32, size=64, split="test")
+    expected = np.stack([source[i]["image"] for i in range(3)]).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(images, expected, atol=1e-6)

@@ -277,7 +277,15 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
         raise ValueError(f"{', '.join(latent_methods)} need a generator: this classifier checkpoint has none; "
                          "pass --generator <a stylegan2 run> or explain a VisCoIN checkpoint")
     resolution = int(config.data.resolution)
-    data = load_images(images, resolution, count)
+    if images.startswith("dataset:"):  # dataset:<split>[:N]: the run's own data set (TFDS, folders, ...)
+        from .viscoin_report import training_images
+
+        parts = images.split(":")
+        n = int(parts[2]) if len(parts) > 2 else (count or 16)
+        x, y = training_images(config, min(n, count) if count else n, split=parts[1] if len(parts) > 1 else "test")
+        data = {"images": x, "labels": np.asarray(y, np.int32), "factors": None}
+    else:
+        data = load_images(images, resolution, count)
     variant = _variant(images)
     report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
     report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
@@ -336,7 +344,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("explain", help="explain a classifier (or a VisCoIN run) from its checkpoint",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's workdir (or its checkpoints/ folder)")
-    p.add_argument("--images", required=True, help="synthetic/<variant>:<split>[:N], a folder, or an .npz")
+    p.add_argument("--images", required=True,
+                   help="synthetic/<variant>:<split>[:N], dataset:<split>[:N] (the run's data set), a folder, or an .npz")
     p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"])
     p.add_argument("--out", required=True, help="output folder for report.html and the npz arrays")
     p.add_argument("--count", type=int, default=None, help="use at most this many images")

@@ -43,14 +43,15 @@ class ConceptSettings:
     cc_amplification: float = 4.0
 
 
-def training_images(config, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of the training split, in order."""
+def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of a split of the run's data
+    set (default the training split), in order and without augmentation."""
     from ..training import common
 
     batch = int(config.eval.batch_size)
-    parts = list(common.eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split="train"))
+    parts = list(common.eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split=split))
     if not parts:
-        raise ValueError("the training split yielded no batches")
+        raise ValueError(f"the {split!r} split of {config.data.name} yielded no batches")
     images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]
     labels = np.concatenate([np.asarray(p["label"]) for p in parts])[:num_images]
     return images.astype(np.float32), labels
