@@ -202,7 +202,11 @@ def _iresnet_counterfactuals(task, state, data, report, out: Path, variant: str 
     logits = np.asarray(model(images))
     pred = logits.argmax(-1)
     target = (pred + 1) % logits.shape[-1]
-    means, _ = icf.class_means(model.forward, images, pred if labels is None else labels, logits.shape[-1])
+    # class means in z over training images of the run (the explained images may miss a class)
+    from .viscoin_report import training_images
+
+    train_x, train_y = training_images(task.config, 256)
+    means, _ = icf.class_means(model.forward, jnp.asarray(train_x), np.asarray(train_y), logits.shape[-1])
     result = icf.counterfactuals(model.forward, model.head, lambda z: model.inverse(z), images, target,
                                  method="closed_form", means=means, source=pred)
     cfs = np.asarray(result.images)
