@@ -8,5 +8,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # two xdist workers share the cores
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def persistent_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for one test module: its repeated and resumed runs compile
+    their steps once. Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes"]
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()

@@ -41,21 +41,7 @@ TINY = [
 ONE_DEVICE = ["--config.mesh.data=1", "--config.mesh.fsdp=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Persistent cache: the loop's runs reuse the hand-stepped run's compiled step."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes"]
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 def _config(*extra):
