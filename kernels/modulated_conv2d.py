@@ -36,6 +36,7 @@ from ._dispatch import dispatch, interpret_mode, uses_tpu_layout
 from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
+TPU_LANES = 128  # Mosaic's lane width: channel windows on TPU are whole multiples of it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,11 +255,13 @@ def _conv_tiles(backend, rows, cols, cin, cout):
     """(tile_h, tile_w, block_in, block_out, padded Cin, padded Cout) per backend.
 
     Triton needs power-of-two tiles and dot operands of at least 16; Mosaic keeps whole rows in
-    VMEM (tile_w a multiple of 8) and whole or 128-lane channel blocks.
+    VMEM (tile_w a multiple of 8) and channels padded to whole 128-lane vregs: Mosaic cannot prove
+    that a channel window narrower than 128 lanes starts on a lane-tile boundary, so 3- or
+    32-channel layers compile only when padded (the padding is zeros and is sliced off).
     """
     if uses_tpu_layout(backend):
-        bo = 128 if cout % 128 == 0 else cout
-        return 8, _phases.round_up(cols, 8), cin, bo, cin, cout
+        cin_p, cout_p = _phases.round_up(cin, TPU_LANES), _phases.round_up(cout, TPU_LANES)
+        return 8, _phases.round_up(cols, 8), cin_p, TPU_LANES, cin_p, cout_p
     tile_h = min(8, pl.next_power_of_2(rows))
     tile_w = max(min(16, pl.next_power_of_2(cols)), 16 // tile_h)
     bi = max(16, min(32, pl.next_power_of_2(cin)))
@@ -378,7 +381,7 @@ def _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend):
     tile_h, tile_w, bi, bo, cin_p, cout_p = _conv_tiles(
         backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
     if uses_tpu_layout(backend):
-        bi = 128 if cin % 128 == 0 else cin
+        bi = TPU_LANES
     rows = _phases.round_up(plan_y.out_per_phase, tile_h)
     cols = _phases.round_up(plan_x.out_per_phase, tile_w)
     xph = _phases.split_phases(_pad_last(x, cin_p), plan_y, plan_x, rows, cols)
@@ -480,8 +483,8 @@ def tpu_vmem_estimate(x_shape, w_shape, up, down, pads) -> int:
     plan_y, plan_x = _plans((n, h, w, cin), w_shape, geometry)
     need = 0
     for c_in, c_out in ((cin, cout), (cout, cin)):  # the input gradient swaps the channels
-        tile_h, tile_w, _, bo, _, _ = _conv_tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase,
-                                                  c_in, c_out)
+        tile_h, tile_w, _, bo, c_in, _ = _conv_tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase,
+                                                     c_in, c_out)  # c_in: padded to the lanes
         cols = _phases.round_up(plan_x.out_per_phase, tile_w)
         x_block = plan_y.down * plan_x.down * (tile_h + plan_y.halo) * (cols + plan_x.halo) * c_in
         out_block = tile_h * plan_y.up * cols * plan_x.up * bo

@@ -134,13 +134,13 @@ def _upfirdn2d_kernel(g_ref, x_ref, o_ref, *, table, tile_h, tile_w):
 def _tiles(backend, rows, cols, channels):
     """(tile_h, tile_w, channel_block, padded_channels) per backend.
 
-    GPU (Triton) tiles must be powers of two; TPU (Mosaic) keeps whole rows in VMEM with channel
-    blocks of 128 lanes (or all channels when fewer) and tiles only the rows.
+    GPU (Triton) tiles must be powers of two; TPU (Mosaic) keeps whole rows in VMEM, tiles only
+    the rows, and pads the channels to blocks of 128 lanes (Mosaic rejects narrower channel windows
+    whose start it cannot prove lane-aligned, e.g. the 3-channel RGB path).
     """
     if uses_tpu_layout(backend):
         tile_w = _phases.round_up(cols, 8)
-        cb = 128 if channels % 128 == 0 else channels
-        return 8, tile_w, cb, channels
+        return 8, tile_w, 128, _phases.round_up(channels, 128)
     tile_h = min(8, pl.next_power_of_2(rows))
     tile_w = min(32, pl.next_power_of_2(cols))
     cb = min(32, pl.next_power_of_2(channels))

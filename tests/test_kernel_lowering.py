@@ -125,3 +125,42 @@ def test_layer_too_large_for_tpu_vmem_is_routed_to_xla(monkeypatch):
         text = _export_text(lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1)),
                             (x,), "tpu")
     assert "tpu_custom_call" not in text
+
+
+@pytest.mark.parametrize("channels", [3, 5, 32, 130])
+def test_tpu_channel_windows_are_whole_lane_tiles(channels):
+    # Mosaic cannot prove that a channel window narrower than 128 lanes starts on a lane-tile
+    # boundary, and rejects the kernel at compile time (not at lowering, which CI checks). The TPU
+    # layout therefore pads channels to whole 128-lane blocks; values stay exact (tpu_interpret tests).
+    mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
+    up = importlib.import_module("viscoin_jax.kernels.upfirdn2d")
+    _, _, bi, bo, cin_p, cout_p = mc._conv_tiles("tpu", 9, 13, channels, channels + 1)
+    assert bi % 128 == 0 and bo % 128 == 0 and cin_p % bi == 0 and cout_p % bo == 0
+    assert channels <= cin_p < channels + 128 and channels + 1 <= cout_p < channels + 129
+    _, _, cb, cp = up._tiles("tpu", 9, 13, channels)
+    assert cb % 128 == 0 and cp % cb == 0 and channels <= cp < channels + 128
+
+
+def _libtpu_available():
+    try:
+        return importlib.util.find_spec("libtpu") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _libtpu_available(), reason="needs libtpu (pip install 'jax[tpu]') to run Mosaic")
+@pytest.mark.parametrize("channels", [3, 32, 128])
+def test_mosaic_compiles_without_a_tpu(channels):
+    # With libtpu installed, a deviceless TPU v5e topology runs the real Mosaic compiler from a CPU
+    # host, which checks what lowering alone cannot (tiling proofs, VMEM layout).
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    device = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices[0]
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=SingleDeviceSharding(device))
+    x, w, s = spec((2, 16, 16, channels)), spec((3, 3, channels, channels)), spec((2, channels))
+    loss = lambda x, w, s: jnp.sum(modulated_conv2d(x, w, s, up=2, padding=1, impl="pallas") ** 2)
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, w, s).lower().compile()
+    f = jnp.asarray(FIR)
+    fir = lambda x: jnp.sum(upfirdn2d(x, f, down=2, padding=1, impl="pallas") ** 2)
+    jax.jit(jax.grad(fir)).trace(x).lower().compile()
