@@ -16,7 +16,7 @@ from viscoin_jax.training.config import load_config
 HERE = Path(__file__).resolve().parent
 
 # training steps of each stage in the demo (the stage configs' own defaults train longer)
-DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 200, "viscoin": 200}
+DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 600, "viscoin": 300}
 
 # stage -> config file[:variant]
 STAGES = {
@@ -46,10 +46,20 @@ def get_config(arg=None):
             if arg != "quick":  # sized so the whole demo takes about 15 minutes on a 2-core CPU
                 stage.train.num_steps = DEMO_STEPS[name]
                 stage.checkpoint.every = DEMO_STEPS[name]
+                if name == "viscoin":
+                    stage.train.eval_every = DEMO_STEPS[name] // 2
                 if name == "stylegan2":
-                    stage.train.eval_every = DEMO_STEPS[name] // 2  # FID of G_ema (about 30 s each)
+                    stage.train.eval_every = DEMO_STEPS[name]  # FID of G_ema at the end (about 35 s)
                     stage.train.sample_every = DEMO_STEPS[name] // 4
                     stage.fid.num_samples = 128
+                    # 600 steps x 16 images see each of 16384 rendered images less than once, so D
+                    # cannot overfit and ADA has nothing to prevent; with it on, D's early lead
+                    # (a weak G) drove p to 0.9 and slowed G down.
+                    stage.data.synthetic_size = 16384
+                    stage.ada.enabled = False
+                    # the path-length term costs about 30% of the step time on CPU; the demo spends
+                    # that on more G/D steps instead (R1 stays)
+                    stage.stylegan2.pl_weight = 0.0
             if arg == "quick":  # a few steps per stage: checks the plumbing, not the quality
                 stage.train.num_steps = 4
                 stage.train.eval_every = 0
@@ -76,7 +86,7 @@ def get_config(arg=None):
         ["gradient", "integrated_gradients", "iresnet_counterfactual"],
         viscoin_methods=["concepts", "faithfulness", "latent_direction"] if quick else
         ["concepts", "faithfulness", "consistency", "latent_direction", "latent_interpolation"],
-        projection_steps=5 if quick else 50,  # W+ projection (warm-started by VisCoIN's translator)
+        projection_steps=5 if quick else 40,  # W+ projection (warm-started by VisCoIN's translator)
         direction_samples=64 if quick else 512,  # generated samples for the logistic-regression direction
         num_training_images=16 if quick else 256,  # class relevance, top-activating images, CC pairs
     ))

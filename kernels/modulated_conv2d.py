@@ -161,20 +161,22 @@ def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
 
 
 def _conv_kernel(in_scale_ref, out_scale_ref, w_ref, x_ref, o_ref, *, table, tile_h, tile_w,
-                 block_in, compute_dtype):
+                 tiles_w, block_in, compute_dtype):
     """One [tile_h * tile_w, block_out] tile of every output phase of the phased convolution.
 
     x_ref: [1, phases, tile_h + halo, W, Cin] window; w_ref: [kh, kw, Cin, block_out];
     in_scale_ref: [1, 1, Cin]; out_scale_ref: [1, 1, block_out]; o_ref: [1, tile_h, uy, tile_w, ux, bo].
+    With one column tile (the TPU layout) or one input-channel block, the offsets are Python ints:
+    Mosaic accepts a static unaligned tap offset but cannot prove a dynamic one aligned (E2003).
     """
-    col0 = pl.program_id(3) * tile_w
+    col0 = 0 if tiles_w == 1 else pl.program_id(3) * tile_w
     cin = x_ref.shape[-1]
     bo = o_ref.shape[-1]
     m = tile_h * tile_w
     out_scale = out_scale_ref[0, 0, :].astype(jnp.float32)
     for qy, qx, taps in table:
         def body(ci, acc, taps=taps):
-            c0 = pl.multiple_of(ci * block_in, block_in)
+            c0 = 0 if isinstance(ci, int) else pl.multiple_of(ci * block_in, block_in)
             scale = in_scale_ref[0, 0, pl.ds(c0, block_in)].astype(jnp.float32)
             for ky, kx, r, oy, ox in taps:
                 a = x_ref[0, r, pl.ds(oy, tile_h), pl.ds(col0 + ox, tile_w), pl.ds(c0, block_in)]
@@ -182,7 +184,11 @@ def _conv_kernel(in_scale_ref, out_scale_ref, w_ref, x_ref, o_ref, *, table, til
                 acc += _dot(a.reshape(m, block_in).astype(compute_dtype), b.astype(compute_dtype))
             return acc
 
-        acc = jax.lax.fori_loop(0, cin // block_in, body, jnp.zeros((m, bo), jnp.float32))
+        acc = jnp.zeros((m, bo), jnp.float32)
+        if cin == block_in:
+            acc = body(0, acc)
+        else:
+            acc = jax.lax.fori_loop(0, cin // block_in, body, acc)
         acc = acc * out_scale[None, :]
         o_ref[0, :, qy, :, qx, :] = acc.reshape(tile_h, tile_w, bo).astype(o_ref.dtype)
 
@@ -319,7 +325,7 @@ def _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend):
     grid = (n, cout_p // bo, rows // tile_h, cols // tile_w)
     el = pl.Element
     kernel = functools.partial(_conv_kernel, table=table, tile_h=tile_h, tile_w=tile_w,
-                               block_in=bi, compute_dtype=_compute_dtype(x))
+                               tiles_w=cols // tile_w, block_in=bi, compute_dtype=_compute_dtype(x))
     y = pl.pallas_call(
         kernel,
         grid=grid,

@@ -119,14 +119,14 @@ def upfirdn2d_reference(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1
 # Pallas kernel
 
 
-def _upfirdn2d_kernel(g_ref, x_ref, o_ref, *, table, tile_h, tile_w):
+def _upfirdn2d_kernel(g_ref, x_ref, o_ref, *, table, tile_h, tile_w, tiles_w):
     """One [tile_h, tile_w, channels] tile of every output phase.
 
     x_ref: [1, phases, tile_h + halo, W, cb] window of the polyphase input.
     g_ref: [fh, fw] correlation taps (float32 scalars).
     o_ref: [1, tile_h, up_y, tile_w, up_x, cb].
     """
-    col0 = pl.program_id(3) * tile_w
+    col0 = 0 if tiles_w == 1 else pl.program_id(3) * tile_w  # static on TPU (see _conv_kernel)
     cb = o_ref.shape[-1]
     for qy, qx, taps in table:
         acc = jnp.zeros((tile_h, tile_w, cb), jnp.float32)
@@ -183,7 +183,8 @@ def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
     else:
         g_spec = pl.BlockSpec(g.shape, lambda i, j, t, u: (0, 0))
     o_spec = pl.BlockSpec((1, tile_h, uy, tile_w, ux, cb), lambda i, j, t, u: (i, t, 0, u, 0, j))
-    kernel = functools.partial(_upfirdn2d_kernel, table=table, tile_h=tile_h, tile_w=tile_w)
+    kernel = functools.partial(_upfirdn2d_kernel, table=table, tile_h=tile_h, tile_w=tile_w,
+                               tiles_w=cols // tile_w)
     y = pl.pallas_call(
         kernel,
         grid=grid,

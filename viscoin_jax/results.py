@@ -139,9 +139,8 @@ def render(data: dict[str, Any], workdir: str) -> str:
         parts += ["**Reading.** In this run G rarely draws a measurable blob (see the sample grid), so VisCoIN's "
                   "reconstructions, which go through G, do not carry the stain colour: concept removal cannot "
                   "change it, and FF stays near zero. The classifier side (f, g's fidelity, the i-ResNet) does "
-                  "not depend on G. The demo's 200 StyleGAN2 steps fit the 15-minute budget; the tiny config's "
-                  "own 600 steps (`viscoin-jax train --config configs/stylegan2_synthetic.py`) draw blobs, and "
-                  "the VisCoIN numbers should be read from a pipeline on such a G.", ""]
+                  f"not depend on G. This run trained G for {sg2.get('steps')} steps; the VisCoIN numbers should be "
+                  "read from a pipeline whose G draws blobs (train the StyleGAN2 stage longer).", ""]
     if em.get("projections with a measurable blob") is not None:
         parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "
                   "the latent counterfactuals start from.", ""]
