@@ -51,7 +51,9 @@ def shard_over_batch(kernel_fn: Callable, batched: Sequence[bool]) -> Callable:
 
     def wrapped(*args):
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
+        # Already per device (inside a shard_map, e.g. a kernel calling another kernel's public op):
+        # splitting again would cut the local batch a second time.
+        if mesh.empty or mesh.size == 1 or mesh.manual_axes:
             return kernel_fn(*args)
         axes = tuple(mesh.axis_names)
         batch = args[batched.index(True)].shape[0]

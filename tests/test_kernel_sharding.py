@@ -60,3 +60,23 @@ def test_sharded_forward_and_backward_lower_for_accelerators(platform):
         text = grad.trace(x, w, s).lower(lowering_platforms=(platform,)).as_text()
     marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
     assert text.count(marker) >= 3  # forward and backward kernels, inside the per-device region
+
+
+def test_nested_kernel_calls_do_not_split_the_batch_twice():
+    # modulated_conv2d(up=2) runs the upfirdn2d kernel inside its own per-device region. With 8
+    # images per device (divisible by the 8 devices again) a nested shard_map used to split the
+    # local batch a second time, which broke the program (found by the 8-GPU AOT compile).
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(64, 4, 4, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 2)), jnp.float32)
+    s = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
+    op = lambda x, w, s, impl: modulated_conv2d(x, w, s, up=2, padding=1, impl=impl)
+    want = op(x, w, s, "xla")
+    mesh = _mesh()
+    spec = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda x, w, s: op(x, w, s, "interpret"))(jax.device_put(x, spec), w, jax.device_put(s, spec))
+        text = jax.jit(lambda x, w, s: op(x, w, s, "pallas")).trace(
+            jax.device_put(x, spec), w, jax.device_put(s, spec)).lower(lowering_platforms=("cuda",)).as_text()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    assert text.count("__gpu$xla.gpu.triton") >= 2  # conv and blur kernels, both per device
