@@ -33,6 +33,9 @@ from ._args import check_impl
 KERNEL_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret")
 
 
+TPU_LANES = 128  # Mosaic's lane width: channel windows of the TPU kernels are whole multiples of it
+
+
 def uses_tpu_layout(backend: str) -> bool:
     """Whether the wrapper builds the Mosaic (TPU) variant of a kernel."""
     return backend in ("tpu", "tpu_interpret")

@@ -32,11 +32,10 @@ from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, setup_filter
-from ._dispatch import dispatch, interpret_mode, uses_tpu_layout
+from ._dispatch import TPU_LANES, dispatch, interpret_mode, uses_tpu_layout
 from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
-TPU_LANES = 128  # Mosaic's lane width: channel windows on TPU are whole multiples of it
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import dispatch, interpret_mode, uses_tpu_layout
+from ._dispatch import TPU_LANES, dispatch, interpret_mode, uses_tpu_layout
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -145,7 +145,7 @@ def _tiles(backend, rows, cols, channels):
     """
     if uses_tpu_layout(backend):
         tile_w = _phases.round_up(cols, 8)
-        return 8, tile_w, 128, _phases.round_up(channels, 128)
+        return 8, tile_w, TPU_LANES, _phases.round_up(channels, TPU_LANES)
     tile_h = min(8, pl.next_power_of_2(rows))
     tile_w = min(32, pl.next_power_of_2(cols))
     cb = min(32, pl.next_power_of_2(channels))

@@ -141,7 +141,7 @@ def render(data: dict[str, Any], workdir: str) -> str:
                   "change it, and FF stays near zero. The classifier side (f, g's fidelity, the i-ResNet) does "
                   f"not depend on G. This run trained G for {sg2.get('steps')} steps; the VisCoIN numbers should be "
                   "read from a pipeline whose G draws blobs (train the StyleGAN2 stage longer).", ""]
-    ff_low = vis and vm.get("faithfulness", {}).get("0.1") is not None and vm["faithfulness"]["0.1"] < 0.05
+    ff_low = vm.get("faithfulness", {}).get("0.1", 1.0) < 0.05
     if ff_low and not (found is not None and found < 0.5):
         parts += ["**Reading.** FF is near zero: removing concepts barely moves f's prediction on the "
                   "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
