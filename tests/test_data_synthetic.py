@@ -166,3 +166,19 @@ def test_bad_arguments():
         S.SyntheticConcepts("blob_binary", size=10)[10]
     with pytest.raises(ValueError, match="missing factors"):
         S.render({"colour": np.int32(0)}, 32)
+
+
+def test_colour_in_between_flags_blended_stains_only():
+    d = S.make_synthetic_arrays("blob_binary", 32, size=200, seed=5, split="test")
+    m = S.measure_factors(d["image"])
+    assert not S.colour_in_between(m["colour_score"]).any()  # rendered blobs are always one stain
+    # the same scenes with the blob painted in the average of the two stains: all in between
+    f = S.stack_factors([S.sample_factors(5, i, "test") for i in range(40)])
+    pink, purple = ({**f, "colour": np.full_like(f["colour"], c)} for c in (0, 1))
+    blend = (S.render(pink, 32).astype(np.float64) + S.render(purple, 32)) / 2
+    mb = S.measure_factors(blend.round().astype(np.uint8))
+    assert mb["found"].all() and S.colour_in_between(mb["colour_score"]).all()
+    # thresholds sit half-way between the decision threshold and each stain's log(R / B)
+    lo, hi = S.STAIN_COLOUR_SCORES.min() / 2, S.STAIN_COLOUR_SCORES.max() / 2
+    np.testing.assert_array_equal(S.colour_in_between(np.array([lo - 1e-3, lo + 1e-3, hi - 1e-3, hi + 1e-3, np.nan])),
+                                  [False, True, True, False, False])

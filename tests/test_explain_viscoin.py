@@ -17,7 +17,7 @@ from viscoin_fixtures import make_frozen_runs, make_viscoin_run
 pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is empty")
 
 SMALL_LATENT = LatentSettings(projection_steps=4, direction_samples=64, num_series=5, interpolation_steps=3,
-                              ig_steps=5)
+                              ig_steps=5, coverage_samples=70)
 SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2)
 
 
@@ -110,3 +110,24 @@ def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
     with np.load(tmp_path / "b" / "latent_direction.npz") as a:
         assert a["series"].shape == (2, 5, 32, 32, 3) and np.all(np.isfinite(a["series"]))
         np.testing.assert_allclose(a["series"][:, 0], a["projections"], atol=1e-4)  # t = 0 is the projection
+
+
+def test_what_g_draws_is_measured_on_real_generator_samples(runs, viscoin_report):
+    from viscoin_jax.data.synthetic import colour_in_between, measure_factors
+    from viscoin_jax.explain.latent_report import models_from_generator
+
+    metrics = json.loads((viscoin_report / "metrics.json").read_text())
+    with np.load(viscoin_report / "latent_direction.npz") as a:
+        z, images, logits = a["sample_z"], a["sample_images"], a["sample_logits"]
+    assert z.shape[0] == images.shape[0] == logits.shape[0] == 70  # 64 + a partial batch of 6
+    # the images are the frozen G's (EMA weights, constant noise) at those latents
+    G = models_from_generator(str(runs[1]), lambda x: x)
+    np.testing.assert_allclose(images[-9:], np.asarray(G.synthesis_fn(G.mapping_fn(z[-9:]))), atol=2e-4)
+    for c in range(logits.shape[1]):
+        assert metrics[f"G samples f assigns to class {c}"] == pytest.approx(float(np.mean(logits.argmax(-1) == c)))
+    m = measure_factors(images)
+    assert metrics["G samples with a measurable blob"] == pytest.approx(float(np.mean(m["found"])))
+    if m["found"].any():
+        assert metrics["G samples whose blob colour is in between the stains"] == pytest.approx(
+            float(np.mean(colour_in_between(m["colour_score"])[m["found"]])))
+    assert "What G draws" in (viscoin_report / "report.html").read_text()

@@ -79,6 +79,8 @@ def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_pat
     summary = json.loads((workdir / "summary.json").read_text())
     assert f"{summary['classifier']['metrics']['accuracy']:.3f}" in text
     assert f"{summary['stylegan2']['metrics']['fid']:.3f}" in text
+    drawn = summary["explain"]["viscoin"]["metrics"]  # what G draws, from explain's random samples
+    assert f"class 0 {drawn['G samples f assigns to class 0']:.3f}, class 1 {drawn['G samples f assigns to class 1']:.3f}" in text
     assert "## Comparison with the paper" in text
 
 

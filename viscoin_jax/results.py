@@ -65,6 +65,21 @@ def collect(workdir: str | Path) -> dict[str, Any]:
     return out
 
 
+def _what_g_draws(em: dict[str, Any]) -> str:
+    """One sentence on G's random samples as f and the blob measurement read them (explain's metrics)."""
+    classes = sorted(k for k in em if k.startswith("G samples f assigns to class "))
+    if not classes:
+        return ""
+    text = ("What G draws (random samples, read by f): " +
+            ", ".join(f"class {k.rsplit(' ', 1)[1]} {_fmt(em[k])}" for k in classes))
+    if "G samples with a measurable blob" in em:
+        text += f"; a blob is measurable in {_fmt(em['G samples with a measurable blob'])}"
+    if "G samples whose blob colour is in between the stains" in em:
+        text += (f", and its colour is in between the two stains (neither pink nor purple) in "
+                 f"{_fmt(em['G samples whose blob colour is in between the stains'])} of those")
+    return text + "."
+
+
 def render(data: dict[str, Any], workdir: str) -> str:
     st, ex = data["stages"], data["explain"]
     clf, ires, sg2, vis = (st.get(k, {}) for k in ("classifier", "iresnet", "stylegan2", "viscoin"))
@@ -100,6 +115,9 @@ def render(data: dict[str, Any], workdir: str) -> str:
         if data.get("sample_grid"):
             grid = data.get("sample_grid_copy") or f"{workdir}/{data['sample_grid']}"
             parts += [f"Last sample grid (fixed latents): ![G_ema samples]({grid})", ""]
+        drawn = _what_g_draws(ex.get("viscoin", {}))
+        if drawn:
+            parts += [drawn, ""]
     if vis:
         ff = vm.get("faithfulness", {})
         parts += ["## VisCoIN", "",
@@ -143,10 +161,15 @@ def render(data: dict[str, Any], workdir: str) -> str:
                   "read from a pipeline whose G draws blobs (train the StyleGAN2 stage longer).", ""]
     ff_low = vm.get("faithfulness", {}).get("0.1", 1.0) < 0.05
     if ff_low and not (found is not None and found < 0.5):
+        between = em.get("G samples whose blob colour is in between the stains")
+        why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
+               "samples (never so in the training images): it has learnt where and how large blobs are, not yet "
+               "the two stain colours, so no edit of its latents can show the colour change."
+               if between is not None and between > 0.5 else
+               "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change.")
         parts += ["**Reading.** FF is near zero: removing concepts barely moves f's prediction on the "
                   "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
-                  "into G's images. g's fidelity does not need G; FF does. Look at the sample grid: a G that "
-                  "draws blobs of mostly one colour cannot show the colour change. This run trained G for "
+                  f"into G's images. g's fidelity does not need G; FF does. {why} This run trained G for "
                   f"{sg2.get('steps')} steps.", ""]
     if em.get("projections with a measurable blob") is not None:
         parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "

@@ -338,6 +338,7 @@ def make_synthetic_arrays(variant: str = "blob_binary", resolution: int = 32, si
 # Measuring factors back from pixels.
 
 COLOUR_THRESHOLD = 0.0  # log(R / B) of the blob: pink about +0.3, purple about -0.4
+STAIN_COLOUR_SCORES = np.log(STAIN_RGB[:, 0] / STAIN_RGB[:, 2])  # log(R / B) of each stain: +0.29, -0.41
 ELONGATION_THRESHOLD = math.sqrt(ELONGATION)  # geometric mean of 1 (round) and ELONGATION
 _MASK_THRESHOLD = 0.22  # |pixel - background| / 255 (RGB distance) that counts as blob
 _MIN_AREA_FRACTION = 0.002
@@ -406,6 +407,21 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
            for k, v in out.items()}
     out["found"] = found
     return out
+
+
+def colour_in_between(colour_score: np.ndarray) -> np.ndarray:
+    """True where a measured blob colour is neither stain: closer to the threshold than to both stains.
+
+    Why: `measure_factors` reads every blob as pink or purple by the sign of its score, so a generator
+    that draws the average of the two stains (what an undertrained one does) would still read as one
+    class. Rendered blobs are never in between (their scores sit within stain jitter of a stain's);
+    NaN (no blob) is not in between.
+    """
+    score = np.asarray(colour_score, np.float64)
+    low = COLOUR_THRESHOLD + 0.5 * (STAIN_COLOUR_SCORES.min() - COLOUR_THRESHOLD)
+    high = COLOUR_THRESHOLD + 0.5 * (STAIN_COLOUR_SCORES.max() - COLOUR_THRESHOLD)
+    with np.errstate(invalid="ignore"):
+        return (score > low) & (score < high)
 
 
 # Factors that `measure_factors` estimates reliably, with the change below which a difference between

@@ -55,6 +55,7 @@ class LatentSettings:
     max_shift: float = 2.0  # the series ends at max_shift * w_std along the unit direction
     interpolation_steps: int = 7
     ig_steps: int = 33
+    coverage_samples: int = 256  # random G samples whose classes (f) and measured factors are reported
 
 
 def models_from_generator(generator_workdir: str, classifier_fn: Callable) -> LatentModels:
@@ -75,6 +76,19 @@ def models_from_generator(generator_workdir: str, classifier_fn: Callable) -> La
 
     return LatentModels(synthesis_fn, mapping_fn, classifier_fn, int(G.z_dim), int(G.num_ws),
                         int(G.img_resolution))
+
+
+def generated_samples(models: LatentModels, key: jax.Array, num_samples: int, batch_size: int = 64):
+    """(z [M, z_dim], images [M, R, R, 3], f's logits [M, C]) of G from z ~ N(0, I): what G draws, seen by f."""
+    draw = jax.jit(lambda z: models.synthesis_fn(models.mapping_fn(z)))
+    zs, images, logits = [], [], []
+    for b, start in enumerate(range(0, num_samples, batch_size)):
+        z = jax.random.normal(jax.random.fold_in(key, b), (min(batch_size, num_samples - start), models.z_dim))
+        x = draw(z)
+        zs.append(np.asarray(z))
+        images.append(np.asarray(x))
+        logits.append(np.asarray(models.classifier_fn(x)))
+    return np.concatenate(zs), np.concatenate(images), np.concatenate(logits)
 
 
 def counterfactual_index(probs, target) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +143,28 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         cols=len(pred))
     log.info("projection: %.1fs", time.perf_counter() - t0)
 
+    # --- what G draws: a G that never draws a class cannot show a counterfactual into it ------------
+    coverage = {}
+    if settings.coverage_samples > 0:
+        sample_z, samples, sample_logits = generated_samples(models, jax.random.fold_in(rng, 1), settings.coverage_samples)
+        sample_class = sample_logits.argmax(-1)
+        for c in range(sample_logits.shape[-1]):
+            summary[f"G samples f assigns to class {c}"] = float(np.mean(sample_class == c))
+        captions = [f"f: {c}" for c in sample_class[:16]]
+        if variant is not None:
+            from ..data.synthetic import colour_in_between, measure_factors
+
+            measured = measure_factors(samples)
+            between = colour_in_between(measured["colour_score"])
+            summary["G samples with a measurable blob"] = float(np.mean(measured["found"]))
+            if measured["found"].any():
+                summary["G samples whose blob colour is in between the stains"] = float(
+                    np.mean(between[measured["found"]]))
+            captions = [f"{cap}{', colour in between' if b else ''}" for cap, b in zip(captions, between)]
+        report.add_image_grid(f"What G draws: random samples (of {len(samples)}) and f's class", samples[:16],
+                              captions, cols=8)
+        coverage = dict(sample_z=sample_z, sample_images=samples, sample_logits=sample_logits)
+
     # --- directions toward each target class ------------------------------------------------------
     t0 = time.perf_counter()
     ts = np.linspace(0.0, settings.max_shift * float(w_std), settings.num_series).astype(np.float32)
@@ -171,7 +207,7 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
                 projections=np.asarray(proj.images), target=target, shifts=ts, series=series, probs=probs,
                 gradient_series=grad_series, gradient_probs=grad_probs, counterfactuals=counterfactuals,
                 counterfactual_ws=cf_ws, flipped=flipped,
-                **{f"direction_to_{c}": d for c, d in directions.items()})
+                **coverage, **{f"direction_to_{c}": d for c, d in directions.items()})
     for name, ser, pr in (("logistic-regression direction", series, probs), ("gradient direction", grad_series,
                                                                              grad_probs)):
         if name.startswith("logistic") and not directions:
@@ -233,5 +269,5 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     return summary
 
 
-__all__ = ["LATENT_METHODS", "LatentModels", "LatentSettings", "models_from_generator", "counterfactual_index",
-           "explain_latent"]
+__all__ = ["LATENT_METHODS", "LatentModels", "LatentSettings", "models_from_generator", "generated_samples",
+           "counterfactual_index", "explain_latent"]
