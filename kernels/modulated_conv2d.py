@@ -274,9 +274,44 @@ def _conv_tiles(backend, rows, cols, cin, cout):
     return tile_h, tile_w, bi, bo, _phases.round_up(cin, bi), _phases.round_up(cout, bo)
 
 
-def _compiler_params(backend, semantics):
+# Triton software-pipelines a kernel's loop (num_stages=2) by keeping a second copy of every load of
+# the loop body in shared memory: for a 3x3 conv that is 10 copies of the tap operands. The 64 -> 64
+# channel 3x3 layer at 16 px then asked for 240 KiB (over even the H100's 227 KiB limit per block;
+# found by the 8 x H100 AOT compile of the CUB config). Kernels whose pipelined footprint would pass
+# this budget run their loop unpipelined (num_stages=1: 24-48 KiB). 96 KiB fits every GPU Triton
+# targets (sm_86/89 allow 99 KiB per block; A100 163 KiB; H100 227 KiB).
+GPU_SHARED_MEMORY_BUDGET_BYTES = 96 * 2**10
+
+
+def triton_shared_memory_estimate(kind, m, bi, bo, taps, phases=1, stages=2) -> int:
+    """Upper bound on the shared memory Triton allocates for one conv kernel program, in bytes.
+
+    kind: "conv" (loop over input-channel blocks; `taps` = the most taps of one output phase) or
+    "weight_grad" (loop over pixel tiles; `taps` = all taps, `phases` = output phases); m = pixels per
+    tile, bi / bo = input / output channel block. Fitted to the sizes XLA:GPU reported for these
+    kernels compiled for an H100 (jax 0.10.2; tests/test_kernel_lowering.py rechecks it where the
+    CUDA plugin is installed): float32 operands, one copy each unpipelined, taps + 1 copies pipelined.
+    A conv with a single input-channel block has no loop, so its footprint is the unpipelined one.
+    """
+    if kind == "conv":
+        per_tap = m * bi + bi * bo
+        return 4 * per_tap if stages == 1 else 4 * (taps + 1) * per_tap + 128
+    if kind == "weight_grad":
+        if stages == 1:
+            return 4 * (m * bi + m * bo)
+        return 4 * ((taps + 1) * m * bi + (phases + 1) * m * bo) + 128
+    raise ValueError(f"kind must be 'conv' or 'weight_grad', got {kind!r}")
+
+
+def _triton_stages(kind, m, bi, bo, taps, phases=1):
+    """2 (pipelined) when that fits GPU_SHARED_MEMORY_BUDGET_BYTES, else 1."""
+    need = triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=2)
+    return 2 if need <= GPU_SHARED_MEMORY_BUDGET_BYTES else 1
+
+
+def _compiler_params(backend, semantics, num_stages=2):
     if backend == "gpu":
-        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+        return pl_triton.CompilerParams(num_warps=4, num_stages=num_stages)
     if uses_tpu_layout(backend):
         return pltpu.CompilerParams(dimension_semantics=semantics)
     return None
@@ -325,6 +360,8 @@ def _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend):
     el = pl.Element
     kernel = functools.partial(_conv_kernel, table=table, tile_h=tile_h, tile_w=tile_w,
                                tiles_w=cols // tile_w, block_in=bi, compute_dtype=_compute_dtype(x))
+    stages = 2 if cin_p == bi else _triton_stages("conv", tile_h * tile_w, bi, bo,
+                                                  max((len(taps) for _, _, taps in table), default=0))
     y = pl.pallas_call(
         kernel,
         grid=grid,
@@ -337,7 +374,7 @@ def _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend):
         ],
         out_specs=pl.BlockSpec((1, tile_h, uy, tile_w, ux, bo), lambda i, j, t, u: (i, t, 0, u, 0, j)),
         out_shape=jax.ShapeDtypeStruct((n, rows, uy, cols, ux, cout_p), x.dtype),
-        compiler_params=_compiler_params(backend, ("parallel",) * 4),
+        compiler_params=_compiler_params(backend, ("parallel",) * 4, stages),
         interpret=interpret_mode(backend),
         name="modulated_conv2d",
     )(in_scale, out_scale, w, xph)
@@ -431,7 +468,8 @@ def _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend):
             in_specs=[whole(in_scale), whole(xph), whole(g)],
             out_specs=out_spec,
             out_shape=out_shape,
-            compiler_params=_compiler_params(backend, None),
+            compiler_params=_compiler_params(
+                backend, None, _triton_stages("weight_grad", tile_h * tile_w, bi, bo, len(flat_taps), len(table))),
             interpret=interpret_mode(backend),
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)

@@ -14,7 +14,7 @@ Topologies:
   cuda:SxHxG  S slices of H hosts with G GPUs each (cuda:1x1x8: one 8-GPU node), through
               jax.experimental.topologies and the CUDA plugin (pip install jax-cuda12-plugin; no
               GPU or CUDA install needed); needs --gpu-target-config, a GpuTargetConfig text proto
-              describing the GPU model
+              describing the GPU model (a file, or h100 / a100 from launch/gpu_targets/)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _REEXEC_MARK = "VISCOIN_AOT_REEXEC"
@@ -39,7 +40,8 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--hlo", default=None, help="also write the compiled HLO text to this file")
     p.add_argument("--gpu-target-config", default=None, metavar="PBTXT",
-                   help="GpuTargetConfig text proto of the GPU model (cuda topologies)")
+                   help="GpuTargetConfig text proto of the GPU model (cuda topologies): a file, "
+                        "or h100 / a100 (launch/gpu_targets/)")
     return p.parse_known_args(argv)
 
 
@@ -98,8 +100,13 @@ def _topology_devices(topology: str, num_slices: int, gpu_target_config: str | N
         if not gpu_target_config:
             raise SystemExit("aot_compile: cuda topologies need --gpu-target-config")
         from jax.experimental import topologies
-        with open(gpu_target_config) as f:
-            target_config = f.read()
+        named = Path(__file__).resolve().parent / "gpu_targets" / f"{gpu_target_config}.pbtxt"
+        path = named if named.is_file() else Path(gpu_target_config)
+        if not path.is_file():
+            known = sorted(p.stem for p in named.parent.glob("*.pbtxt"))
+            raise SystemExit(f"aot_compile: --gpu-target-config {gpu_target_config!r} is neither a file nor "
+                             f"one of {known}")
+        target_config = path.read_text()
         desc = topologies.get_topology_desc(topology_name="gpu", platform="cuda",
                                             target_config=target_config, topology=name)
         return desc.devices

@@ -164,3 +164,107 @@ def test_mosaic_compiles_without_a_tpu(channels):
     f = jnp.asarray(FIR)
     fir = lambda x: jnp.sum(upfirdn2d(x, f, down=2, padding=1, impl="pallas") ** 2)
     jax.jit(jax.grad(fir)).trace(x).lower().compile()
+
+
+def _cuda_plugin_available():
+    try:
+        return importlib.util.find_spec("jax_cuda12_plugin") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _gpu_device(optin_bytes):
+    """A deviceless A100 whose per-block shared-memory limit is `optin_bytes` (XLA:GPU then fails any
+    Triton kernel that asks for more, naming the size it asked for)."""
+    import re
+    from pathlib import Path
+
+    from jax.experimental import topologies
+
+    text = (Path(__file__).resolve().parents[1] / "launch" / "gpu_targets" / "a100.pbtxt").read_text()
+    text = re.sub(r"shared_memory_per_block_optin: \d+", f"shared_memory_per_block_optin: {optin_bytes}", text)
+    return topologies.get_topology_desc(topology_name="gpu", platform="cuda", target_config=text,
+                                        topology="1x1x1").devices[0]
+
+
+@pytest.mark.parametrize("res,cin,cout,up,down,k", [(16, 64, 64, 1, 1, 3), (5, 512, 512, 2, 1, 3),
+                                                    (32, 256, 256, 1, 2, 3), (16, 512, 3, 1, 1, 1),
+                                                    (64, 48, 17, 1, 1, 3)])
+def test_gpu_pipelining_choice_keeps_every_tile_within_the_budget(res, cin, cout, up, down, k):
+    # Whatever tiles the GPU layout picks, the kernel it runs (pipelined or not) fits the budget.
+    mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
+    budget = mc.GPU_SHARED_MEMORY_BUDGET_BYTES
+    out = res * up // down
+    for c_in, c_out in ((cin, cout), (cout, cin)):  # forward and input gradient
+        tile_h, tile_w, bi, bo, cin_p, _ = mc._conv_tiles("gpu", out, out, c_in, c_out)
+        m, taps = tile_h * tile_w, k * k
+        stages = 2 if cin_p == bi else mc._triton_stages("conv", m, bi, bo, taps)
+        loop = cin_p > bi
+        assert not loop or mc.triton_shared_memory_estimate("conv", m, bi, bo, taps, stages=stages) <= budget
+        wg = mc._triton_stages("weight_grad", m, bi, bo, taps, up * up)
+        assert mc.triton_shared_memory_estimate("weight_grad", m, bi, bo, taps, up * up, stages=wg) <= budget
+    # the 64 -> 64 layer at 16 px pipelined would need about 240 KiB: it must run unpipelined
+    assert mc._triton_stages("conv", 128, 32, 64, 9) == 1
+    assert mc.triton_shared_memory_estimate("conv", 128, 32, 64, 9) > 227 * 2**10
+    with pytest.raises(ValueError, match="kind"):
+        mc.triton_shared_memory_estimate("fir", 128, 32, 64, 9)
+
+
+@pytest.mark.skipif(not _cuda_plugin_available(), reason="needs jax-cuda12-plugin to compile for a GPU")
+@pytest.mark.parametrize("cin,cout,up,down", [(64, 64, 1, 1), (512, 512, 2, 1), (256, 256, 1, 2), (32, 32, 1, 1)])
+def test_triton_kernels_compile_within_the_shared_memory_budget(cin, cout, up, down):
+    # XLA:GPU compiles the Triton kernels deviceless (no GPU, no CUDA install) for an A100 whose
+    # per-block limit is lowered to the budget: every kernel of the forward and backward pass fits.
+    import os
+
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.sharding import SingleDeviceSharding
+
+    mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
+    sharding = SingleDeviceSharding(_gpu_device(mc.GPU_SHARED_MEMORY_BUDGET_BYTES))
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    x, w, s = spec((8, 16, 16, cin)), spec((3, 3, cin, cout)), spec((8, cin))
+    loss = lambda x, w, s: jnp.sum(modulated_conv2d(x, w, s, up=up, down=down, padding=1, impl="pallas") ** 2)
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, w, s).lower().compile()
+
+
+@pytest.mark.skipif(not _cuda_plugin_available(), reason="needs jax-cuda12-plugin to compile for a GPU")
+@pytest.mark.parametrize("kind,res,cin,cout,up", [("conv", 16, 64, 64, 1), ("conv", 16, 32, 64, 1),
+                                                  ("conv", 8, 512, 16, 1), ("conv", 8, 512, 512, 2),
+                                                  ("weight_grad", 16, 64, 64, 1), ("weight_grad", 16, 32, 32, 1),
+                                                  ("weight_grad", 8, 512, 512, 2)])
+def test_triton_shared_memory_estimate_bounds_what_xla_reports(kind, res, cin, cout, up):
+    # With a 1 KiB limit every kernel fails and XLA:GPU names the bytes it asked for; the estimate the
+    # pipelining choice relies on must be at least that, and not far above it.
+    import os
+    import re
+
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.sharding import SingleDeviceSharding
+
+    mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
+    ph = importlib.import_module("viscoin_jax.kernels._phases")
+    sharding = SingleDeviceSharding(_gpu_device(1024))
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    geometry = (up, 1, (1, 1, 1, 1))
+    plan_y, plan_x = mc._plans((8, res, res, cin), (3, 3, cin, cout), geometry)
+    table = ph.tap_table(plan_y, plan_x)
+    tile_h, tile_w, bi, bo, cin_p, _ = mc._conv_tiles("gpu", plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
+    m = tile_h * tile_w
+    if kind == "conv":
+        taps = max(len(t) for _, _, t in table)
+        # one input-channel block: no loop to pipeline, so one copy of each operand whatever num_stages
+        stages = 1 if cin_p == bi else mc._triton_stages("conv", m, bi, bo, taps)
+        estimate = mc.triton_shared_memory_estimate("conv", m, bi, bo, taps, stages=stages)
+        fn = lambda x, w, a, b: mc._phased_conv_forward(x, w, a, b, geometry, "gpu")
+        args = (8, res, res, cin), (3, 3, cin, cout), (8, cin), (8, cout)
+    else:
+        taps = sum(len(t) for _, _, t in table)
+        stages = mc._triton_stages("weight_grad", m, bi, bo, taps, len(table))
+        estimate = mc.triton_shared_memory_estimate("weight_grad", m, bi, bo, taps, len(table), stages=stages)
+        fn = lambda x, g, a: mc._weight_grad_forward(x, g, a, (3, 3, cin, cout), geometry, "gpu")
+        args = (8, res, res, cin), (8, res * up, res * up, cout), (8, cin)
+    with pytest.raises(Exception, match="Shared memory size limit exceeded") as info:
+        jax.jit(fn).trace(*(spec(a) for a in args)).lower().compile()
+    asked = int(re.search(r"requested (\d+)", str(info.value)).group(1))
+    assert asked <= estimate <= 2 * asked + 1024, (kind, stages, asked, estimate)
