@@ -164,7 +164,8 @@ def render(data: dict[str, Any], workdir: str) -> str:
         between = em.get("G samples whose blob colour is in between the stains")
         why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
                "samples (never so in the training images): it has learnt where and how large blobs are, not yet "
-               "the two stain colours, so no edit of its latents can show the colour change."
+               "the two stain colours, so no edit of its latents can show the colour change (docs/performance.md: "
+               "the colours separate after about a thousand steps)."
                if between is not None and between > 0.5 else
                "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change.")
         parts += ["**Reading.** FF is near zero: removing concepts barely moves f's prediction on the "
