@@ -303,10 +303,20 @@ def triton_shared_memory_estimate(kind, m, bi, bo, taps, phases=1, stages=2) -> 
     raise ValueError(f"kind must be 'conv' or 'weight_grad', got {kind!r}")
 
 
-def _triton_stages(kind, m, bi, bo, taps, phases=1):
-    """2 (pipelined) when that fits GPU_SHARED_MEMORY_BUDGET_BYTES, else 1."""
-    need = triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=2)
-    return 2 if need <= GPU_SHARED_MEMORY_BUDGET_BYTES else 1
+def triton_pipelining(kind, m, bi, bo, table, loop=True) -> tuple[int, int]:
+    """(num_stages, estimated shared-memory bytes) of one conv kernel on GPU, from its tap table.
+
+    Pipelined (2) when that fits GPU_SHARED_MEMORY_BUDGET_BYTES, else 1; without a loop (`loop`
+    False: a conv with one input-channel block) there is nothing to pipeline and one copy is held.
+    """
+    if kind == "conv":
+        taps, phases = max((len(t) for _, _, t in table), default=0), 1
+    else:
+        taps, phases = sum(len(t) for _, _, t in table), len(table)
+    pipelined = triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=2)
+    if loop and pipelined <= GPU_SHARED_MEMORY_BUDGET_BYTES:
+        return 2, pipelined
+    return (1 if loop else 2), triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=1)
 
 
 def _compiler_params(backend, semantics, num_stages=2):
@@ -360,8 +370,7 @@ def _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend):
     el = pl.Element
     kernel = functools.partial(_conv_kernel, table=table, tile_h=tile_h, tile_w=tile_w,
                                tiles_w=cols // tile_w, block_in=bi, compute_dtype=_compute_dtype(x))
-    stages = 2 if cin_p == bi else _triton_stages("conv", tile_h * tile_w, bi, bo,
-                                                  max((len(taps) for _, _, taps in table), default=0))
+    stages, _ = triton_pipelining("conv", tile_h * tile_w, bi, bo, table, loop=cin_p > bi)
     y = pl.pallas_call(
         kernel,
         grid=grid,
@@ -469,7 +478,7 @@ def _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend):
             out_specs=out_spec,
             out_shape=out_shape,
             compiler_params=_compiler_params(
-                backend, None, _triton_stages("weight_grad", tile_h * tile_w, bi, bo, len(flat_taps), len(table))),
+                backend, None, triton_pipelining("weight_grad", tile_h * tile_w, bi, bo, table)[0]),
             interpret=interpret_mode(backend),
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)

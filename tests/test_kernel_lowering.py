@@ -193,18 +193,19 @@ def _gpu_device(optin_bytes):
 def test_gpu_pipelining_choice_keeps_every_tile_within_the_budget(res, cin, cout, up, down, k):
     # Whatever tiles the GPU layout picks, the kernel it runs (pipelined or not) fits the budget.
     mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
+    ph = importlib.import_module("viscoin_jax.kernels._phases")
     budget = mc.GPU_SHARED_MEMORY_BUDGET_BYTES
-    out = res * up // down
+    geometry = (up, 1, (k // 2,) * 4) if down == 1 else (1, down, (0, 0, 0, 0))
     for c_in, c_out in ((cin, cout), (cout, cin)):  # forward and input gradient
-        tile_h, tile_w, bi, bo, cin_p, _ = mc._conv_tiles("gpu", out, out, c_in, c_out)
-        m, taps = tile_h * tile_w, k * k
-        stages = 2 if cin_p == bi else mc._triton_stages("conv", m, bi, bo, taps)
-        loop = cin_p > bi
-        assert not loop or mc.triton_shared_memory_estimate("conv", m, bi, bo, taps, stages=stages) <= budget
-        wg = mc._triton_stages("weight_grad", m, bi, bo, taps, up * up)
-        assert mc.triton_shared_memory_estimate("weight_grad", m, bi, bo, taps, up * up, stages=wg) <= budget
+        plan_y, plan_x = mc._plans((8, res, res, c_in), (k, k, c_in, c_out), geometry)
+        table = ph.tap_table(plan_y, plan_x)
+        tile_h, tile_w, bi, bo, cin_p, _ = mc._conv_tiles("gpu", plan_y.out_per_phase, plan_x.out_per_phase,
+                                                          c_in, c_out)
+        for kind, loop in (("conv", cin_p > bi), ("weight_grad", True)):
+            stages, need = mc.triton_pipelining(kind, tile_h * tile_w, bi, bo, table, loop=loop)
+            assert need <= budget and stages in (1, 2), (kind, stages, need)
     # the 64 -> 64 layer at 16 px pipelined would need about 240 KiB: it must run unpipelined
-    assert mc._triton_stages("conv", 128, 32, 64, 9) == 1
+    assert mc.triton_pipelining("conv", 128, 32, 64, [(0, 0, [None] * 9)])[0] == 1
     assert mc.triton_shared_memory_estimate("conv", 128, 32, 64, 9) > 227 * 2**10
     with pytest.raises(ValueError, match="kind"):
         mc.triton_shared_memory_estimate("fir", 128, 32, 64, 9)
@@ -250,18 +251,11 @@ def test_triton_shared_memory_estimate_bounds_what_xla_reports(kind, res, cin, c
     plan_y, plan_x = mc._plans((8, res, res, cin), (3, 3, cin, cout), geometry)
     table = ph.tap_table(plan_y, plan_x)
     tile_h, tile_w, bi, bo, cin_p, _ = mc._conv_tiles("gpu", plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
-    m = tile_h * tile_w
+    stages, estimate = mc.triton_pipelining(kind, tile_h * tile_w, bi, bo, table, loop=kind != "conv" or cin_p > bi)
     if kind == "conv":
-        taps = max(len(t) for _, _, t in table)
-        # one input-channel block: no loop to pipeline, so one copy of each operand whatever num_stages
-        stages = 1 if cin_p == bi else mc._triton_stages("conv", m, bi, bo, taps)
-        estimate = mc.triton_shared_memory_estimate("conv", m, bi, bo, taps, stages=stages)
         fn = lambda x, w, a, b: mc._phased_conv_forward(x, w, a, b, geometry, "gpu")
         args = (8, res, res, cin), (3, 3, cin, cout), (8, cin), (8, cout)
     else:
-        taps = sum(len(t) for _, _, t in table)
-        stages = mc._triton_stages("weight_grad", m, bi, bo, taps, len(table))
-        estimate = mc.triton_shared_memory_estimate("weight_grad", m, bi, bo, taps, len(table), stages=stages)
         fn = lambda x, g, a: mc._weight_grad_forward(x, g, a, (3, 3, cin, cout), geometry, "gpu")
         args = (8, res, res, cin), (8, res * up, res * up, cout), (8, cin)
     with pytest.raises(Exception, match="Shared memory size limit exceeded") as info:
