@@ -33,9 +33,11 @@ from jax.experimental.pallas import triton as pl_triton
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, setup_filter
 from ._dispatch import TPU_LANES, dispatch, interpret_mode, uses_tpu_layout
+from .conv2d_resample import polyphase_conv
 from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,31 +85,24 @@ def demodulation_coefficients(weight, styles, demodulate=True):
 # Plain-JAX references
 
 
-def _conv(x, w, strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(1, 1)):
-    return jax.lax.conv_general_dilated(
-        x, w, strides, padding, lhs_dilation=lhs_dilation, dimension_numbers=_DN,
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
 def conv2d_resample_reference(x, weight, f=None, up=1, down=1, padding=0):
-    """Correlation with `weight` plus up/down-sampling, in the fast forms XLA handles well.
+    """Correlation with `weight` plus up/down-sampling: the XLA path, in polyphase form.
 
-    up: transposed (input-dilated) convolution, then the FIR blur with gain up**2.
-    down: FIR blur, then a strided convolution. Equal to the generic definition
-    upfirdn2d(up) -> conv -> upfirdn2d(down) because the filters commute. float32 result.
+    up: the transposed (zero-inserting) convolution as stride-1 phase convolutions
+    (`conv2d_resample.polyphase_conv`), then the FIR blur with gain up**2.
+    down: FIR blur, then the stride-`down` convolution in polyphase form. Equal to the generic
+    definition upfirdn2d(up) -> conv -> upfirdn2d(down) because the filters commute. float32 result.
     """
     px0, px1, py0, py1 = resample_padding(padding, up, down, f)
     x = x.astype(jnp.float32)
     weight = weight.astype(jnp.float32)
     if up > 1:
-        # Input dilation leaves no zeros after the last sample, so the high pad grows by up - 1.
-        y = _conv(x, weight, padding=((py0, py1 + up - 1), (px0, px1 + up - 1)),
-                  lhs_dilation=(up, up))
+        y = polyphase_conv(x, weight, up, 1, (px0, px1, py0, py1), precision=_PRECISION)
         return upfirdn2d_reference(y, f, gain=up * up)
     if down > 1:
         x = upfirdn2d_reference(x, f, padding=(px0, px1, py0, py1))
-        return _conv(x, weight, strides=(down, down))
-    return _conv(x, weight, padding=((py0, py1), (px0, px1)))
+        return polyphase_conv(x, weight, 1, down, (0, 0, 0, 0), precision=_PRECISION)
+    return polyphase_conv(x, weight, 1, 1, (px0, px1, py0, py1), precision=_PRECISION)
 
 
 def modulated_conv2d_reference(x, weight, styles, demodulate=True, up=1, down=1, padding=0,
