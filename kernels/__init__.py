@@ -5,6 +5,7 @@ Installed as `viscoin_jax.kernels`. Every op takes `impl` in {"auto", "pallas", 
 """
 
 from ._args import setup_filter
+from ._dispatch import lowering_for
 from .modulated_conv2d import (
     conv2d_resample_reference,
     demodulation_coefficients,
@@ -16,6 +17,7 @@ from .upfirdn2d import downsample2d, filter2d, upfirdn2d, upfirdn2d_reference, u
 
 __all__ = [
     "setup_filter",
+    "lowering_for",
     "upfirdn2d",
     "upfirdn2d_reference",
     "upsample2d",

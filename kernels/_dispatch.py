@@ -1,9 +1,13 @@
-"""Choosing between the Pallas kernels and the XLA reference, per platform, at lowering time.
+"""Choosing between the Pallas kernels and the XLA reference, per platform.
 
-`jax.lax.platform_dependent` keeps every branch in the traced program and lowers the one that matches
-the platform being compiled for. That is what lets `impl="pallas"` be traced on a CPU host and
-lowered for `cuda` or `tpu` (ahead-of-time compilation, CI lowering checks) without any branch
-being picked by the host's own backend.
+A program is normally compiled for the platform it runs on, so by default the choice is made while
+tracing, from `jax.default_backend()`: only that platform's branch is traced (tracing every
+kernel variant for every platform made a StyleGAN2 step 18x slower to trace on CPU).
+
+Ahead-of-time compilation for another platform (a CPU host lowering for `cuda` or `tpu`: the AOT
+check, the lowering tests) names its target with `lowering_for("tpu")`, or `lowering_for("any")`
+to keep every branch: then `jax.lax.platform_dependent` holds them all and lowering keeps the one
+that matches the platform being compiled for.
 
 Under a device mesh (`jax.set_mesh(mesh)` while tracing, as the training loop does), a Pallas call
 cannot be partitioned by XLA's SPMD partitioner (Mosaic refuses; a Triton call would be replicated).
@@ -16,9 +20,11 @@ whole batch; correct, not fast). The XLA reference branch is left to the partiti
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
@@ -31,6 +37,60 @@ from ._args import check_impl
 # "tpu_interpret" runs the TPU variant (VMEM/SMEM windows, sequential grid axes) in Pallas's TPU
 # interpreter, so the TPU code path is tested on CPU too.
 KERNEL_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret")
+
+
+# The platforms being traced for: None = the host's default backend; ("any",) = every platform.
+_TARGET: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "viscoin_jax_kernel_lowering_target", default=None)
+_PLATFORM_FAMILY = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+@contextlib.contextmanager
+def lowering_for(*platforms: str) -> Iterator[None]:
+    """Trace the kernels' dispatch for `platforms` ("cpu", "cuda", "rocm", "tpu") instead of the host's
+    backend, or for every platform with "any" (`platform_dependent`). Use around `.trace()` /
+    `.lower()` when compiling for a platform that is not the host's. Clears JAX's caches on entry
+    and exit (jit's trace cache does not key on this setting)."""
+    if not platforms:
+        raise ValueError("lowering_for needs at least one platform")
+    for p in platforms:
+        if p != "any" and p not in _PLATFORM_FAMILY:
+            raise ValueError(f"lowering_for: unknown platform {p!r}; use one of "
+                             f"{sorted(_PLATFORM_FAMILY)} or 'any'")
+    # jit's trace cache does not know this setting: a function traced for the host must not be
+    # reused for another platform, nor the other way round, so the caches are cleared on both sides.
+    jax.clear_caches()
+    token = _TARGET.set(tuple(platforms))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+        jax.clear_caches()
+
+
+def target_family() -> str | None:
+    """'cpu', 'gpu' or 'tpu' when the dispatch is traced for one platform family, None for several."""
+    target = _TARGET.get()
+    if target is None:
+        return _PLATFORM_FAMILY.get(jax.default_backend(), "cpu")
+    families = {_PLATFORM_FAMILY.get(p) for p in target}
+    return None if "any" in target or len(families) != 1 else families.pop()
+
+
+def jit_per_shape(fn: Callable | None = None, **jit_kwargs) -> Callable:
+    """`fn` jitted with `jit_kwargs` (its static arguments) when traced for one platform family, so
+    that a call repeated with the same shapes and static arguments (a layer shape used three times
+    per training step, forward and backward sharing kernels) is traced and lowered once per
+    program. Traced for several platforms (`lowering_for("any")`) it is called as is: a nested jit
+    is lowered for every platform, including the branches `platform_dependent` would drop."""
+    if fn is None:
+        return functools.partial(jit_per_shape, **jit_kwargs)
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return (fn if target_family() is None else jitted)(*args, **kwargs)
+    return wrapper
 
 
 TPU_LANES = 128  # Mosaic's lane width: channel windows of the TPU kernels are whole multiples of it
@@ -78,6 +138,8 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
       Pallas compiler (CPU) it runs in interpret mode, which is correct but slow.
     - "auto": the kernel on GPU and TPU, the reference elsewhere.
 
+    The platform is the host's backend unless `lowering_for(...)` names another (module docstring).
+
     `batched` flags the args whose dim 0 is the batch (default: the first only); under a mesh the
     kernel runs per device on its batch slice (see the module docstring).
     """
@@ -92,5 +154,10 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     if impl in ("interpret", "tpu_interpret"):
         return kernel(impl)(*args)
     default = xla_fn if impl == "auto" else kernel("interpret")
-    return jax.lax.platform_dependent(*args, cuda=kernel("gpu"), rocm=kernel("gpu"), tpu=kernel("tpu"),
-                                      default=default)
+    family = target_family()
+    if family == "cpu":
+        return default(*args)
+    if family in ("gpu", "tpu"):
+        return kernel(family)(*args)
+    gpu = kernel("gpu")
+    return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, tpu=kernel("tpu"), default=default)

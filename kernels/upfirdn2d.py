@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import TPU_LANES, dispatch, interpret_mode, uses_tpu_layout
+from ._dispatch import TPU_LANES, dispatch, interpret_mode, jit_per_shape, uses_tpu_layout
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -160,6 +160,8 @@ def _compiler_params(backend, grid_rank):
     return None
 
 
+# Jitted with its static arguments: a recurring call is traced and lowered once per program.
+@jit_per_shape(static_argnames=("up", "down", "padding", "flip_filter", "gain", "backend"))
 def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
     """Wrapper: polyphase split, tiling and the pallas_call. Returns [N, out_h, out_w, C]."""
     plan_y, plan_x = _plans(x.shape, f.shape, up, down, padding)

@@ -11,6 +11,8 @@ Topologies:
   cpu:N       N fake CPU devices (the script re-executes itself with the XLA flag that makes them)
   tpu:NAME    a Cloud TPU topology by name (e.g. v5e:4x4, v4:2x2x2), through
               jax.experimental.topologies; needs libtpu installed (pip install 'jax[tpu]')
+  --lower-only with --lowering-platform cuda|tpu and cpu:N lowers for that platform on N host
+  devices: the trace and lowering times of the step without libtpu or the CUDA plugin.
   cuda:SxHxG  S slices of H hosts with G GPUs each (cuda:1x1x8: one 8-GPU node), through
               jax.experimental.topologies and the CUDA plugin (pip install jax-cuda12-plugin; no
               GPU or CUDA install needed); needs --gpu-target-config, a GpuTargetConfig text proto
@@ -39,6 +41,11 @@ def parse_args(argv):
     p.add_argument("--num-slices", type=int, default=1, help="TPU multi-slice count")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--hlo", default=None, help="also write the compiled HLO text to this file")
+    p.add_argument("--lower-only", action="store_true",
+                   help="stop after tracing and lowering (print their times; no compile, no memory)")
+    p.add_argument("--lowering-platform", default=None, choices=["cuda", "rocm", "tpu"],
+                   help="with cpu:N and --lower-only: lower for this platform on N host devices "
+                        "(the kernels' Triton / Mosaic lowering without libtpu or the CUDA plugin)")
     p.add_argument("--gpu-target-config", default=None, metavar="PBTXT",
                    help="GpuTargetConfig text proto of the GPU model (cuda topologies): a file, "
                         "or h100 / a100 (launch/gpu_targets/)")
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args(argv)
     kind, _, count = args.topology.partition(":")
+    if args.lowering_platform and (kind != "cpu" or not args.lower_only):
+        raise SystemExit("aot_compile: --lowering-platform needs a cpu:N topology and --lower-only")
     if kind == "cpu":
         if not count.isdigit() or int(count) < 1:
             raise SystemExit(f"aot_compile: bad topology {args.topology!r} (cpu:N with N >= 1)")
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax  # only now: the device flags above must be set first
 
+    from viscoin_jax.kernels import lowering_for
     from viscoin_jax.training import loop, mesh as mesh_lib
     from viscoin_jax.training.config import load_config
     from viscoin_jax.training.train_cli import trainer_module
@@ -138,12 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     compiled_task = loop.compile_task(task, mesh)
     batch = loop.abstract_global_batch(task, config, mesh)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # the kernels shard_map themselves over the mesh they see
-        lowered = compiled_task.train_step.trace(compiled_task.abstract_state, batch).lower()
+    platform = args.lowering_platform or kind
+    # The kernels shard_map themselves over the mesh they see, and trace only the target's branch.
+    with jax.set_mesh(mesh), lowering_for(platform):
+        traced = compiled_task.train_step.trace(compiled_task.abstract_state, batch)
+        traced_at = time.perf_counter()
+        lowered = traced.lower(lowering_platforms=(platform,)) if args.lowering_platform else traced.lower()
         lowered_at = time.perf_counter()
-        compiled = lowered.compile()
-    seconds = {"lower": round(lowered_at - start, 1),
-               "compile": round(time.perf_counter() - lowered_at, 1)}
+        compiled = None if args.lower_only else lowered.compile()
+    seconds = {"trace": round(traced_at - start, 1), "lower": round(lowered_at - start, 1),
+               "compile": None if compiled is None else round(time.perf_counter() - lowered_at, 1)}
+    if compiled is None:
+        text = lowered.as_text()
+        kernels = text.count("__gpu$xla.gpu.triton") + text.count("tpu_custom_call")
+        report = {"config": args.config, "topology": args.topology, "lowering_platform": platform,
+                  "devices": len(devices), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+                  "kernel_calls": kernels, "seconds": seconds}
+        print(f"train step of {args.config} lowered for {platform} on {args.topology}: mesh "
+              f"{report['mesh']}, {kernels} Pallas calls in the lowered module")
+        print(f"trace {seconds['trace']}s, trace + lower {seconds['lower']}s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        return 0
 
     hlo_text = compiled.as_text()
     if args.hlo:
@@ -179,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("per-device memory: not reported by this backend")
     print("collectives: " + ", ".join(f"{k}={v}" for k, v in report["collectives"].items()))
-    print(f"trace + lower {seconds['lower']}s, compile {seconds['compile']}s")
+    print(f"trace {seconds['trace']}s, trace + lower {seconds['lower']}s, compile {seconds['compile']}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

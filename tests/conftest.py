@@ -1,11 +1,14 @@
 """Test set-up: 8 fake CPU devices for the sharding tests, set before JAX is imported."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # two xdist workers share the cores
+# The CLI's persistent compilation cache goes to a temporary directory, not the user's home.
+os.environ.setdefault("VISCOIN_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="viscoin_jax_test_cache_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

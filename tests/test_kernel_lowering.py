@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from jax import export
 
-from viscoin_jax.kernels import modulated_conv2d, setup_filter, upfirdn2d
+from viscoin_jax.kernels import lowering_for, modulated_conv2d, setup_filter, upfirdn2d
 
 TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 FIR = setup_filter([1, 3, 3, 1])
 
 
 def _export_text(fn, args, platform):
-    exported = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=[TRITON])(*args)
+    with lowering_for(platform):  # a CPU host tracing for another platform says so
+        exported = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=[TRITON])(*args)
     return exported.mlir_module()
 
 
@@ -89,16 +90,38 @@ def test_trace_lower_api_from_design_notes():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 4)), jnp.float32)
     f = lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1), gain=4.0, impl="pallas")
     for platform in ("cuda", "tpu"):
-        text = jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
+        with lowering_for(platform):
+            text = jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
         _assert_uses_pallas(text, platform)
+    # One trace for every platform: platform_dependent keeps each branch until lowering.
+    with lowering_for("any"):
+        traced = jax.jit(f).trace(x)
+    for platform in ("cuda", "tpu"):
+        _assert_uses_pallas(traced.lower(lowering_platforms=(platform,)).as_text(), platform)
 
 
-def test_auto_is_xla_on_cpu():
-    # On CPU, "auto" must pick the XLA reference: no Pallas custom call in the CPU lowering.
-    x = jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32)
-    text = jax.jit(lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1))).trace(x).lower(
-        lowering_platforms=("cpu",)).as_text()
-    assert "triton" not in text and "tpu_custom_call" not in text
+@pytest.mark.parametrize("op", ["upfirdn2d", "modulated_conv2d"])
+def test_auto_traces_only_the_host_branch_on_cpu(op):
+    # On a CPU host "auto" is the XLA path and nothing else is traced: no Pallas call in the jaxpr
+    # (first and second order) nor in the lowering. Traced for "any", the kernels are there again.
+    x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
+    w = jnp.ones((3, 3, 4, 4), jnp.float32)
+    fn = {"upfirdn2d": lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1)),
+          "modulated_conv2d": lambda x: modulated_conv2d(x, w, jnp.ones((2, 4)), up=2)}[op]
+    second = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(fn(x))))(x) ** 2))
+    for f in (fn, second):
+        assert "pallas_call" not in str(jax.make_jaxpr(f)(x))
+        text = jax.jit(f).trace(x).lower(lowering_platforms=("cpu",)).as_text()
+        assert "triton" not in text and "tpu_custom_call" not in text
+    with lowering_for("any"):
+        assert "pallas_call" in str(jax.make_jaxpr(fn)(x))
+        _assert_uses_pallas(jax.jit(fn).trace(x).lower(lowering_platforms=("tpu",)).as_text(), "tpu")
+
+
+def test_lowering_for_rejects_unknown_platforms():
+    with pytest.raises(ValueError, match="unknown platform 'cuda12'"):
+        with lowering_for("cuda12"):
+            pass
 
 
 def test_layer_too_large_for_tpu_vmem_is_routed_to_xla(monkeypatch):

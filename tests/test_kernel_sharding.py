@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from viscoin_jax.kernels import modulated_conv2d, setup_filter, upfirdn2d
+from viscoin_jax.kernels import lowering_for, modulated_conv2d, setup_filter, upfirdn2d
 
 FIR = setup_filter([1, 3, 3, 1])
 
@@ -56,7 +56,7 @@ def test_sharded_forward_and_backward_lower_for_accelerators(platform):
     spec = NamedSharding(mesh, P(("data", "fsdp")))
     grad = jax.jit(jax.grad(lambda x, w, s: _loss(x, w, s, "pallas"), argnums=(0, 1, 2)),
                    in_shardings=(spec, NamedSharding(mesh, P()), spec))
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), lowering_for(platform):
         text = grad.trace(x, w, s).lower(lowering_platforms=(platform,)).as_text()
     marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
     assert text.count(marker) >= 3  # forward and backward kernels, inside the per-device region
@@ -76,7 +76,8 @@ def test_nested_kernel_calls_do_not_split_the_batch_twice():
     spec = NamedSharding(mesh, P(("data", "fsdp")))
     with jax.set_mesh(mesh):
         got = jax.jit(lambda x, w, s: op(x, w, s, "interpret"))(jax.device_put(x, spec), w, jax.device_put(s, spec))
-        text = jax.jit(lambda x, w, s: op(x, w, s, "pallas")).trace(
-            jax.device_put(x, spec), w, jax.device_put(s, spec)).lower(lowering_platforms=("cuda",)).as_text()
+        with lowering_for("cuda"):
+            text = jax.jit(lambda x, w, s: op(x, w, s, "pallas")).trace(
+                jax.device_put(x, spec), w, jax.device_put(s, spec)).lower(lowering_platforms=("cuda",)).as_text()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     assert text.count("__gpu$xla.gpu.triton") >= 2  # conv and blur kernels, both per device

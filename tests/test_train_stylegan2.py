@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from viscoin_jax.kernels import lowering_for
 from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training import stylegan2 as sg
 from viscoin_jax.training.config import load_config
@@ -71,10 +72,11 @@ def stepped():
     state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
     iterator = task.make_train_iterator(None)
     states, metrics, batches = [jax.device_get(state)], [], []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         local = next(iterator)
         batches.append(local)
-        state, m = compiled.train_step(state, mesh_lib.make_global_batch(local, compiled.mesh))
+        state, m = compiled.train_step(state, mesh_lib.make_global_batch(local, compiled.mesh),
+                                       task.step_variant(step))
         states.append(jax.device_get(state))
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
     return {"task": task, "config": config, "states": states, "metrics": metrics, "batches": batches}
@@ -131,6 +133,21 @@ def test_ada_p_moves_with_the_sign_of_d_real(stepped):
     assert p != 0.5
 
 
+def test_lax_cond_step_equals_the_host_chosen_variants(stepped):
+    # On CPU the loop picks the lazy terms on the host (one program per variant); on accelerators
+    # the single program's lax.cond does. Both must train the same model.
+    config = _config(*ONE_DEVICE)
+    task = sg.make_task(config)
+    assert task.step_variant(0) == (True, True) and task.step_variant(1) == (False, False)
+    compiled = compile_task(task, _one_mesh())
+    state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
+    for step in range(3):
+        batch = mesh_lib.make_global_batch(stepped["batches"][step], compiled.mesh)
+        state, _ = compiled.train_step(state, batch)  # no variant: lax.cond on the step
+    for a, b in zip(_leaves(state), _leaves(stepped["states"][3])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_run_training_straight_and_resumed_equal_the_hand_run(stepped, tmp_path):
     config = _config(*ONE_DEVICE)
     straight = run_training(sg.make_task(config), config, tmp_path / "a", mesh=_one_mesh())
@@ -174,7 +191,7 @@ def test_sharded_step_matches_one_device(stepped):
     assert sharded, "FSDP sharded no parameter"
     for step in range(2):
         batch = mesh_lib.make_global_batch(stepped["batches"][step], compiled.mesh)
-        state, metrics = compiled.train_step(state, batch)
+        state, metrics = compiled.train_step(state, batch, task.step_variant(step))
         for key, value in jax.device_get(metrics).items():
             np.testing.assert_allclose(float(value), stepped["metrics"][step][key], rtol=2e-3, atol=2e-4,
                                        err_msg=key)
@@ -206,7 +223,8 @@ def test_sharded_pallas_step_lowers_for_tpu_and_gpu():
     task = sg.make_task(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     compiled = compile_task(task, mesh)
-    traced = compiled.train_step.trace(compiled.abstract_state, abstract_global_batch(task, config, mesh))
+    with lowering_for("any"):  # one trace, lowered below for both platforms
+        traced = compiled.train_step.trace(compiled.abstract_state, abstract_global_batch(task, config, mesh))
     with jax.set_mesh(mesh):
         tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
         gpu = traced.lower(lowering_platforms=("cuda",)).as_text()

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from viscoin_jax import compilation_cache
+
 # sub-command name -> module that defines it
 COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
@@ -21,6 +23,8 @@ COMMANDS = {
     "results": "viscoin_jax.results",
     "bench-stylegan2": "viscoin_jax.training.bench_step",
 }
+# sub-commands that keep JAX's persistent compilation cache (see viscoin_jax.compilation_cache)
+CACHED_COMMANDS = ("train", "explain", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).add_parser(subparsers)
+    for name in CACHED_COMMANDS:
+        compilation_cache.add_arguments(subparsers.choices[name])
     return parser
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "allow_unknown", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.unknown = unknown
+    if args.command in CACHED_COMMANDS:
+        compilation_cache.from_args(args)
     return int(args.func(args) or 0)
 
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,13 @@ class Task:
     def abstract_batch(self) -> PyTree | None:
         return None
 
+    def step_variant(self, step: int) -> Hashable | None:
+        """The static variant of the step about to run (`step` = steps done), or None for one
+        program. A task that returns values gets them as `train_step(..., variant=value)`, one
+        compiled program per value: lazy regularisers chosen on the host instead of `lax.cond`,
+        whose branches XLA:CPU runs ~100x slower than the same ops outside a conditional."""
+        return None
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -150,7 +157,7 @@ class Compiled:
     abstract_state: PyTree  # ShapeDtypeStructs carrying their shardings
     state_shardings: PyTree
     init: Any  # jitted (rng key data) -> state
-    train_step: Any  # jitted (state, batch) -> (state, metrics); donates state
+    train_step: Any  # jitted (state, batch[, variant]) -> (state, metrics); donates state
     eval_step: Any  # jitted (state, batch) -> metrics, or None
 
 
@@ -171,9 +178,12 @@ def compile_task(task: Task, mesh: Mesh) -> Compiled:
     shardings = {"step": repl, "rng": repl, "task": task.state_shardings(shapes["task"], mesh)}
     batch = mesh_lib.batch_sharding(mesh)
 
-    def train_step(state, batch):
+    def train_step(state, batch, variant=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        task_state, metrics = task.train_step(state["task"], batch, rng)
+        if variant is None:
+            task_state, metrics = task.train_step(state["task"], batch, rng)
+        else:
+            task_state, metrics = task.train_step(state["task"], batch, rng, variant=variant)
         return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, metrics
 
     eval_step = None
@@ -185,7 +195,7 @@ def compile_task(task: Task, mesh: Mesh) -> Compiled:
         abstract_state=mesh_lib.abstract_with_sharding(shapes, shardings),
         state_shardings=shardings,
         init=MeshJit(jax.jit(init, out_shardings=shardings), mesh),
-        train_step=MeshJit(jax.jit(train_step, in_shardings=(shardings, batch),
+        train_step=MeshJit(jax.jit(train_step, in_shardings=(shardings, batch), static_argnums=2,
                                    out_shardings=(shardings, repl), donate_argnums=0), mesh),
         eval_step=eval_step,
     )
@@ -335,7 +345,7 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                                  f"{num_steps}; make_train_iterator must repeat the data") from None
             batch = mesh_lib.make_global_batch(local_batch, compiled.mesh)
             _check_batch_size(batch, train_cfg.batch_size)
-            state, metrics = compiled.train_step(state, batch)
+            state, metrics = compiled.train_step(state, batch, task.step_variant(step))
             step += 1
             unchecked.append((step, metrics))
 

@@ -151,7 +151,17 @@ class StyleGAN2Task(Task):
         return fn
 
     # -- the step ---------------------------------------------------------------------------------
-    def train_step(self, state, batch, rng):
+    def step_variant(self, step: int):
+        """On CPU, (run path length, run R1) for this step, chosen on the host: XLA:CPU runs the
+        convolutions inside a `lax.cond` branch ~100x slower. Elsewhere None: one program whose
+        lazy terms are `lax.cond`s (compiled once instead of once per variant)."""
+        if jax.default_backend() != "cpu":
+            return None
+        return (self.pl_interval > 0 and step % self.pl_interval == 0,
+                self.r1_interval > 0 and step % self.r1_interval == 0)
+
+    def train_step(self, state, batch, rng, variant=None):
+        """variant: None (lazy terms by `lax.cond` on the step) or static (do_pl, do_r1)."""
         s = self.config.stylegan2
         b = self.batch_size
         step = state["step"]
@@ -205,8 +215,12 @@ class StyleGAN2Task(Task):
                 g_params, g_opt, pl_mean = operands
                 return g_params, g_opt, pl_mean, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
-            g_params, g_opt, pl_mean, pl_penalty, pl_len = jax.lax.cond(
-                step % self.pl_interval == 0, greg, skip, (g_params, g_opt, pl_mean))
+            operands = (g_params, g_opt, pl_mean)
+            if variant is None:
+                g_params, g_opt, pl_mean, pl_penalty, pl_len = jax.lax.cond(
+                    step % self.pl_interval == 0, greg, skip, operands)
+            else:
+                g_params, g_opt, pl_mean, pl_penalty, pl_len = (greg if variant[0] else skip)(operands)
         metrics.update(pl_penalty=pl_penalty, pl_lengths=pl_len, pl_mean=pl_mean)
 
         # Dmain ----------------------------------------------------------------------------------
@@ -244,7 +258,10 @@ class StyleGAN2Task(Task):
             def skip(operands):
                 return (*operands, jnp.zeros((), jnp.float32))
 
-            d_params, d_opt, r1 = jax.lax.cond(step % self.r1_interval == 0, dreg, skip, (d_params, d_opt))
+            if variant is None:
+                d_params, d_opt, r1 = jax.lax.cond(step % self.r1_interval == 0, dreg, skip, (d_params, d_opt))
+            else:
+                d_params, d_opt, r1 = (dreg if variant[1] else skip)((d_params, d_opt))
         metrics["r1_penalty"] = r1
 
         # EMA of G ---------------------------------------------------------------------------------
