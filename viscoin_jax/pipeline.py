@@ -6,7 +6,9 @@ Stages (each a sub-config of `config.stages`, trained by the trainer its `traine
 `WORKDIR/<stage>`): classifier (ResNet), iresnet, stylegan2, viscoin, then `explain` on held-out
 images, written to `WORKDIR/report/`. A stage whose run has reached its last step and finished its
 evaluation (`WORKDIR/<stage>/DONE`) is skipped, so an interrupted pipeline picks up where it
-stopped (an unfinished stage resumes from its own latest checkpoint). Later stages read earlier
+stopped (an unfinished stage resumes from its own latest checkpoint). A stage stopped by SIGTERM or
+a preemption notice saves its checkpoint, gets no DONE, and the pipeline exits with status 75
+(`training.loop.EXIT_PREEMPTED`) without starting the next stage. Later stages read earlier
 ones through `*_workdir` fields filled in here (`viscoin.classifier_workdir`, ...).
 """
 
@@ -37,6 +39,9 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
     t0 = time.perf_counter()
     log.info("stage %s: training in %s", name, workdir)
     out = trainer_module(config.trainer).train(config, str(workdir))
+    result = out[0] if isinstance(out, tuple) and out else out
+    if getattr(result, "preempted", False):  # a trainer that returned instead of raising
+        result.raise_if_preempted()
     metrics = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else {}
     summary = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "metrics": metrics}
     (workdir / DONE).write_text(json.dumps(summary, indent=1, default=float))
@@ -123,8 +128,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2
     from .training.distributed import maybe_initialize_distributed
+    from .training.loop import Preempted
     maybe_initialize_distributed()
-    run_pipeline(config, args.workdir)
+    try:
+        run_pipeline(config, args.workdir)
+    except Preempted as e:  # the stage's checkpoint is saved and it has no DONE: a rerun resumes it
+        print(f"viscoin-jax run: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -178,7 +178,7 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
 
 
 def train(config: Any, workdir: str):
-    result = run_training(make_task(config), config, workdir)
+    result = run_training(make_task(config), config, workdir).raise_if_preempted()
     task = make_task(config)
     metrics = full_evaluation(task, result.state["task"])
     log.info("final evaluation: %s", metrics)

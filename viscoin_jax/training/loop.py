@@ -35,6 +35,23 @@ log = logging.getLogger("viscoin_jax.train")
 
 PyTree = Any
 
+# The exit status of a run stopped by SIGTERM / a preemption notice after saving its checkpoint:
+# sysexits' EX_TEMPFAIL ("try again later"). Running the same command again resumes the run.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(RuntimeError):
+    """Training stopped early on a preemption notice; its checkpoint is saved but the run is not
+    finished, so nothing that needs the trained model (final evaluation, DONE markers) may run."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int, num_steps: int, workdir: str | Path | None = None):
+        where = f" in {workdir}" if workdir is not None else ""
+        super().__init__(f"preempted at step {step} of {num_steps}; checkpoint saved{where}; run "
+                         f"the same command again to resume (exit status {EXIT_PREEMPTED})")
+        self.step, self.num_steps = step, num_steps
+
 
 class Task:
     """What a trainer provides. Subclass it and implement the three required methods.
@@ -113,6 +130,15 @@ class TrainResult:
     train_metrics: dict[str, float]  # means over the last logging window
     eval_metrics: dict[str, float]  # the last evaluation ({} if none ran)
     preempted: bool  # stopped early by SIGTERM / a preemption notice (after saving)
+    num_steps: int = 0  # config.train.num_steps
+    workdir: str | None = None
+
+    def raise_if_preempted(self) -> "TrainResult":
+        """Raises `Preempted` for a run that stopped early; trainers call this before their final
+        evaluation, which must not run on a half-trained model."""
+        if self.preempted:
+            raise Preempted(self.step, self.num_steps, self.workdir)
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +399,8 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 break
     writer.flush()
     return TrainResult(state=state, step=step, train_metrics=train_metrics,
-                       eval_metrics=eval_metrics, preempted=preempted and step < num_steps)
+                       eval_metrics=eval_metrics, preempted=preempted and step < num_steps,
+                       num_steps=num_steps, workdir=str(workdir))
 
 
 def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
@@ -400,5 +427,5 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
     return config, task, restored
 
 
-__all__ = ["Task", "TrainResult", "Compiled", "compile_task", "abstract_global_batch",
+__all__ = ["Task", "TrainResult", "Preempted", "EXIT_PREEMPTED", "Compiled", "compile_task", "abstract_global_batch",
            "preemption_flag", "evaluate", "run_training", "load_trained"]

@@ -4,7 +4,9 @@
 
 The config's `trainer` field picks the trainer module (see TRAINERS); each exposes
 `make_task(config)` and `train(config, workdir)`. Running the same command again resumes from the
-latest checkpoint in DIR. Multi-process launches (TPU pods, SLURM) are detected from the
+latest checkpoint in DIR; a run stopped by SIGTERM or a preemption notice saves a checkpoint,
+skips its final evaluation and exits with status 75 (EXIT_PREEMPTED, sysexits' EX_TEMPFAIL) so
+that a scheduler requeues it. Multi-process launches (TPU pods, SLURM) are detected from the
 environment and initialise `jax.distributed` before anything else touches the devices.
 """
 
@@ -74,6 +76,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     from .distributed import maybe_initialize_distributed
+    from .loop import Preempted
     maybe_initialize_distributed()  # before anything touches the devices
-    trainer_module(config.trainer).train(config, args.workdir)
+    try:
+        trainer_module(config.trainer).train(config, args.workdir)
+    except Preempted as e:  # the checkpoint is saved; the same command resumes
+        print(f"viscoin-jax train: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
