@@ -50,11 +50,12 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
 
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
-    from .training.config import save_config
+    from .training.config import CONFIG_JSON, record_config
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    # a rerun with another config keeps the first config.json (finished stages were trained with it)
+    record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
     summary = {}
     order = list(config.stage_order)
     for name in order:

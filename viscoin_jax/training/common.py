@@ -118,7 +118,7 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
     """
     from .train_cli import trainer_module
 
-    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:
         config_json, metadata = ckpt.read_json(step)
         if config_json is None:

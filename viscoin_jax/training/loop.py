@@ -27,9 +27,10 @@ from jax.sharding import Mesh
 
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
-from .config import config_to_dict, save_config
+from .config import config_to_dict, record_config
 from .monitor import (Progress, check_finite, create_default_writer, mean_metrics, to_host,
                       write_image_grid)
+from .workdir_lock import WorkdirLock
 
 log = logging.getLogger("viscoin_jax.train")
 
@@ -301,23 +302,35 @@ def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | N
                  ) -> TrainResult:
     """Trains `task` to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
 
-    Writes into `workdir`: `config.json`, TensorBoard events, `checkpoints/<step>/`, and image
-    grids under `images/`. Raises `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
+    Writes into `workdir`: `config.json` (kept as it was when a run resumes), TensorBoard events,
+    `checkpoints/<step>/`, and image grids under `images/`, holding `workdir/LOCK` meanwhile
+    (`WorkdirLockedError` when another live process trains there). Raises
+    `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
     """
     workdir = Path(workdir)
     train_cfg = config.train
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
     mesh_lib.local_batch_size(train_cfg.batch_size, mesh)  # fails early on an uneven batch
     is_main = jax.process_index() == 0
-    if is_main:
-        save_config(config, workdir)
+    # One writer per workdir (process 0 speaks for a multi-process run); taken before any write.
+    lock = WorkdirLock(workdir).acquire() if is_main else None
+    try:
+        return _run_locked(task, config, workdir, mesh, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(task, config, workdir: Path, mesh: Mesh, is_main: bool) -> TrainResult:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
              jax.process_count())
-
     compiled = compile_task(task, mesh)
-    writer = create_default_writer(workdir)
     checkpointer = Checkpointer.from_config(config, workdir)
+    writer = None
     try:
+        if is_main:  # a resumed run keeps its config.json and logs what changed
+            record_config(config, workdir, resuming=checkpointer.latest_step() is not None)
+        writer = create_default_writer(workdir)
         latest = checkpointer.latest_step()
         if latest is None:
             state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
@@ -334,7 +347,8 @@ def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | N
                       last_checkpoint=latest, is_main=is_main)
     finally:
         checkpointer.close()  # waits for asynchronous saves: the last good checkpoint is on disk
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 def _train(task, config, workdir, compiled, state, iterator, checkpointer, writer, *,
