@@ -120,6 +120,8 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
 
     ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:
+        if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
+            step = ckpt.latest_verified_step()
         config_json, metadata = ckpt.read_json(step)
         if config_json is None:
             raise FileNotFoundError(f"checkpoint in {path} has no saved config")

@@ -331,13 +331,14 @@ def _run_locked(task, config, workdir: Path, mesh: Mesh, is_main: bool) -> Train
         if is_main:  # a resumed run keeps its config.json and logs what changed
             record_config(config, workdir, resuming=checkpointer.latest_step() is not None)
         writer = create_default_writer(workdir)
-        latest = checkpointer.latest_step()
-        if latest is None:
+        # the newest checkpoint that verifies; damaged newer ones are set aside with a warning
+        restored = checkpointer.restore_latest_valid(compiled.abstract_state)
+        latest = restored.step if restored is not None else None
+        if restored is None:
             state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
             data_state = None
             writer.write_hparams(_flatten(config_to_dict(config)))
         else:
-            restored = checkpointer.restore(compiled.abstract_state, latest)
             state, data_state = restored.state, restored.data_state
             log.info("resumed from %s", checkpointer.step_dir(latest))
         iterator = task.make_train_iterator(data_state)
@@ -435,6 +436,8 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
     abstract = compile_task(task, mesh).abstract_state
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_SUBDIR, read_only=True)
     try:
+        if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
+            step = checkpointer.latest_verified_step()
         restored = checkpointer.restore(abstract, step, restore_data=False)
     finally:
         checkpointer.close()
