@@ -130,12 +130,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from .training.distributed import maybe_initialize_distributed
     from .training.loop import Preempted
+    from .training.train_cli import report_user_error, user_errors
     maybe_initialize_distributed()
     try:
         run_pipeline(config, args.workdir)
     except Preempted as e:  # the stage's checkpoint is saved and it has no DONE: a rerun resumes it
         print(f"viscoin-jax run: {e}", file=sys.stderr)
         return e.exit_code
+    except user_errors() as e:  # config, data, paths: one line, exit status 2
+        return report_user_error("viscoin-jax run", e)
     return 0
 
 

@@ -298,6 +298,28 @@ def evaluate(task: Task, compiled: Compiled, state: PyTree) -> dict[str, float]:
     return {**{f"eval/{k}": v for k, v in mean_metrics(to_host(history)).items()}, **host}
 
 
+def check_run(task: Task, config: Any, mesh: Mesh) -> None:
+    """Fails with a ValueError naming the problem, before anything is compiled or written, on
+    what would otherwise fail late: no steps to run, a training or evaluation batch that does not
+    split over the mesh (the evaluation one would only fail after training), and evaluation data
+    that is missing or empty (the first batch is read here)."""
+    num_steps = config.train.num_steps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"config.train.num_steps must be an int >= 1, got {num_steps!r}")
+    mesh_lib.local_batch_size(config.train.batch_size, mesh)
+    eval_cfg = config.get("eval", None)
+    if eval_cfg is not None and eval_cfg.get("batch_size", None) is not None:
+        try:
+            mesh_lib.local_batch_size(int(eval_cfg.batch_size), mesh)
+        except ValueError as e:
+            raise ValueError(f"config.eval.batch_size: {e}") from None
+    batches = task.make_eval_iterator()
+    if batches is not None:
+        if next(iter(batches), None) is None:
+            raise ValueError("the evaluation data yields no batches (fewer examples than "
+                             "config.eval.batch_size?)")
+
+
 def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | None = None
                  ) -> TrainResult:
     """Trains `task` to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
@@ -308,9 +330,8 @@ def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | N
     `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
     """
     workdir = Path(workdir)
-    train_cfg = config.train
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-    mesh_lib.local_batch_size(train_cfg.batch_size, mesh)  # fails early on an uneven batch
+    check_run(task, config, mesh)  # user errors fail here, before anything is compiled or written
     is_main = jax.process_index() == 0
     # One writer per workdir (process 0 speaks for a multi-process run); taken before any write.
     lock = WorkdirLock(workdir).acquire() if is_main else None
@@ -445,4 +466,4 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
 
 
 __all__ = ["Task", "TrainResult", "Preempted", "EXIT_PREEMPTED", "Compiled", "compile_task", "abstract_global_batch",
-           "preemption_flag", "evaluate", "run_training", "load_trained"]
+           "preemption_flag", "evaluate", "check_run", "run_training", "load_trained"]
