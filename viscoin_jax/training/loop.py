@@ -28,8 +28,8 @@ from jax.sharding import Mesh
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
 from .config import config_to_dict, record_config
-from .monitor import (Progress, check_finite, create_default_writer, mean_metrics, to_host,
-                      write_image_grid)
+from .monitor import (DivergenceWatch, Progress, check_finite, create_default_writer,
+                      mean_metrics, to_host, write_image_grid)
 from .workdir_lock import WorkdirLock
 
 log = logging.getLogger("viscoin_jax.train")
@@ -387,6 +387,7 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     preempted = False
+    divergence = DivergenceWatch()  # warns when a loss leaves its running range
 
     with preemption_flag() as sigterm:
         while step < num_steps:
@@ -408,6 +409,8 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 host = to_host(unchecked)
                 unchecked = []
                 check_finite(host, last_checkpoint)  # before anything is saved
+                for message in divergence(host):  # logged; also kept with the metrics
+                    writer.write_texts(step, {"warnings/divergence": message})
                 window.extend(host)
             if window and (_every(step, train_cfg.log_every) or last or preempted):
                 train_metrics = mean_metrics(window)
