@@ -286,6 +286,16 @@ def test_flipped_bytes_fail_verification_and_the_previous_step_is_used(two_steps
     assert damaged.is_file() and ckpt.all_steps() == [1, 2]  # a reader keeps it where it was
 
 
+def test_a_target_no_step_fits_moves_nothing(two_steps):
+    path, _, target = two_steps
+    wrong = dict(target, w=jax.ShapeDtypeStruct((3, 3), np.float32, sharding=target["w"].sharding))
+    with Checkpointer(path) as writer:  # e.g. a run resumed with another model config
+        with pytest.raises(CheckpointError, match=f"cannot restore checkpoint {path / '2'}"):
+            writer.restore_latest_valid(wrong)
+        assert writer.all_steps() == [1, 2]
+    assert not (path.parent / "checkpoints.damaged").exists()
+
+
 def test_a_resumed_run_falls_back_over_a_damaged_checkpoint(tmp_path, caplog):
     config = load_config(TOY, RUN)
     run_training(ToyTask(config), config, tmp_path)

@@ -366,19 +366,23 @@ class Checkpointer:
         to `checkpoints.damaged/<step>` (so that the resumed run can save that step again), a
         read-only reader leaves it where it is. Raises the newest step's error when none restores.
         """
-        first_error = None
+        failed: list[tuple[int, CheckpointError]] = []
         for step in reversed(self.all_steps()):
             try:
                 restored = self.restore(abstract_state, step, restore_data=restore_data)
             except CheckpointError as e:
-                first_error = first_error or e
-                kept = self._set_aside(step) if not self.read_only else self.step_dir(step)
-                log.warning("checkpoint step %d cannot be used (%s); falling back to the previous "
-                            "checkpoint; step %d is kept at %s", step, e, step, kept)
+                failed.append((step, e))
                 continue
+            # Only once an earlier step restored: when none does (e.g. a run resumed with another
+            # model config), nothing is moved and the newest step's error is raised.
+            kept = self._set_aside([s for s, _ in failed]) if failed and not self.read_only else {}
+            for bad, error in failed:
+                log.warning("checkpoint step %d cannot be used (%s); falling back to step %d; "
+                            "step %d is kept at %s", bad, error, step, bad,
+                            kept.get(bad, self.step_dir(bad)))
             return restored
-        if first_error is not None:
-            raise first_error
+        if failed:
+            raise failed[0][1]
         return None
 
     def latest_verified_step(self) -> int:
@@ -396,16 +400,23 @@ class Checkpointer:
             return step
         return self._check_step(None)  # none: raises the usual errors (or the newest is used)
 
-    def _set_aside(self, step: int) -> Path:
-        """Moves a damaged step out of Orbax's directory (never deleting it)."""
-        target = self.directory.parent / DAMAGED_SUBDIR / str(step)
-        if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
+    def _set_aside(self, steps: list[int]) -> dict[int, Path]:
+        """Moves damaged steps out of Orbax's directory (never deleting them), so that the
+        resumed run can save those steps again."""
+        kept = {}
+        for step in steps:
+            target = self.directory.parent / DAMAGED_SUBDIR / str(step)
             if target.exists():
                 target = target.with_name(f"{step}.{os.getpid()}")
-            os.replace(self.step_dir(step), target)
+            if jax.process_index() == 0:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.step_dir(step), target)
+            kept[step] = target
+        if jax.process_count() > 1:  # every process sees the moves before it lists steps again
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("viscoin_jax checkpoint set aside")
         self._manager.reload()
-        return target
+        return kept
 
     def read_json(self, step: int | None = None) -> tuple[dict | None, dict | None]:
         """(config, metadata) of a checkpoint without reading its arrays."""
