@@ -662,10 +662,12 @@ _SUSPICIOUS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", 
 
 def _audit(event, args):
     if _WATCHING[0] and event.startswith(_SUSPICIOUS):
-        _EXECUTED.append(event)
+        _EXECUTED.append((event, str(args[0])[:200] if args else ""))
 
 
 sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only records while watching
+for _codec in ("raw_unicode_escape", "unicode_escape", "latin_1", "ascii", "utf_8"):
+    __import__(f"encodings.{_codec}")  # the codecs pickle decodes with: imported before watching
 
 
 class _Reduce:

@@ -414,8 +414,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def find_class(self, module, name):
         target = self._allowed.get((module, name))
         if target is None:
+            shown = f"{module}.{name}"
+            shown = shown if shown.isprintable() and len(shown) <= 120 else _describe(shown)
             raise RefusedPickleError(
-                f"refusing to load global '{module}.{name}': it is not used by official "
+                f"refusing to load global '{shown}': it is not used by official "
                 "StyleGAN2-ADA pickles (only tensors, numpy values, dicts and "
                 "torch_utils.persistence network objects are allowed)")
         return target
