@@ -398,3 +398,10 @@ def test_class_balanced_order_takes_classes_in_turn():
         left = np.bincount(labels, minlength=3) - counts
         live = counts[left > 0]
         assert live.size == 0 or live.max() - live.min() <= 1
+
+
+def test_a_file_damaged_after_a_check_is_found_by_the_next(tmp_path):
+    _folder_with_bad_files(tmp_path / "train", np.random.default_rng(2))
+    assert len(sources.ImageFolderSource(tmp_path / "train", bad_images="skip")) == 4
+    (tmp_path / "train" / "ADI" / "0.png").write_bytes(b"not a png any more")
+    assert len(sources.ImageFolderSource(tmp_path / "train", bad_images="skip")) == 3

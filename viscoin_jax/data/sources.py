@@ -154,11 +154,24 @@ def check_image(path: str | os.PathLike) -> str | None:
     return None
 
 
+_CHECKED: dict[tuple, dict[str, str]] = {}  # file list with sizes and mtimes -> bad files
+
+
 def find_bad_images(paths: Sequence[str | os.PathLike], threads: int = 8) -> dict[str, str]:
-    """{path: reason} of the files Pillow cannot read (checked in parallel threads)."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(check_image, paths))
-    return {str(p): r for p, r in zip(paths, reasons) if r is not None}
+    """{path: reason} of the files Pillow cannot read (checked in parallel threads; a folder
+    opened again unchanged, e.g. for each evaluation, is not checked again)."""
+    def stat(p):
+        try:
+            st = os.stat(p)
+            return str(p), st.st_size, st.st_mtime_ns
+        except OSError:
+            return str(p), -1, -1
+    key = tuple(stat(p) for p in paths)
+    if key not in _CHECKED:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            reasons = list(pool.map(check_image, paths))
+        _CHECKED[key] = {str(p): r for p, r in zip(paths, reasons) if r is not None}
+    return dict(_CHECKED[key])
 
 
 class ImageFolderSource:
