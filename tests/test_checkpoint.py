@@ -247,10 +247,70 @@ def test_damaged_array_files(two_steps, damage):
             with open(f, "r+b") as fh:
                 fh.truncate(7)
     ckpt = Checkpointer(path, read_only=True)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path / '2'} is damaged"):
+        ckpt.restore(target)
+    os.remove(path / "2" / "checksums.json")  # unverified: Orbax's own error, naming the path
     with pytest.raises(CheckpointError, match=f"cannot restore checkpoint {path / '2'}"):
         ckpt.restore(target)
     # the earlier checkpoint is untouched
     np.testing.assert_array_equal(np.asarray(ckpt.restore(target, step=1).state["w"]), host["w"])
+
+
+def _flip_bytes(path, seed=0):
+    """Flips a few bytes in the middle of the largest array file of a step (size unchanged)."""
+    files = [Path(f) for f in glob.glob(str(path / "state" / "**" / "d" / "*"), recursive=True)
+             if os.path.isfile(f)]
+    target = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(target.read_bytes())
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(np.arange(len(data) // 4, 3 * len(data) // 4), size=4, replace=False):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_flipped_bytes_fail_verification_and_the_previous_step_is_used(two_steps, caplog):
+    path, host, target = two_steps
+    assert json.loads((path / "2" / "checksums.json").read_text())["algorithm"] == "sha256"
+    damaged = _flip_bytes(path / "2")
+    ckpt = Checkpointer(path, read_only=True)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path / '2'} is damaged: 1 file.*"
+                                              f"differ from checksums.json: .*{damaged.name}"):
+        ckpt.restore(target)
+    caplog.set_level("WARNING")
+    restored = ckpt.restore_latest_valid(target)
+    assert restored.step == 1 and restored.data_state == {"i": 1}
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), host["w"])
+    assert any("checkpoint step 2 cannot be used" in r.getMessage() for r in caplog.records)
+    assert ckpt.latest_verified_step() == 1
+    assert damaged.is_file() and ckpt.all_steps() == [1, 2]  # a reader keeps it where it was
+
+
+def test_a_target_no_step_fits_moves_nothing(two_steps):
+    path, _, target = two_steps
+    wrong = dict(target, w=jax.ShapeDtypeStruct((3, 3), np.float32, sharding=target["w"].sharding))
+    with Checkpointer(path) as writer:  # e.g. a run resumed with another model config
+        with pytest.raises(CheckpointError, match=f"cannot restore checkpoint {path / '2'}"):
+            writer.restore_latest_valid(wrong)
+        assert writer.all_steps() == [1, 2]
+    assert not (path.parent / "checkpoints.damaged").exists()
+
+
+def test_a_resumed_run_falls_back_over_a_damaged_checkpoint(tmp_path, caplog):
+    config = load_config(TOY, RUN)
+    run_training(ToyTask(config), config, tmp_path)
+    damaged = _flip_bytes(tmp_path / "checkpoints" / "6")
+    caplog.set_level("WARNING")
+    longer = load_config(TOY, RUN + ["--config.train.num_steps=8"])
+    result = run_training(ToyTask(longer), longer, tmp_path)
+    assert result.step == 8
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint step 6 cannot be used" in messages and "step 6 is kept at" in messages
+    kept = tmp_path / "checkpoints.damaged" / "6"
+    assert (kept / damaged.relative_to(tmp_path / "checkpoints" / "6")).is_file()  # not deleted
+    ckpt = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == [4, 6, 8]  # step 6 was trained again from step 4
+    assert ckpt.restore(None, 6).data_state == {"index": 6}
 
 
 def test_corrupt_data_state_and_wrong_target(two_steps):
@@ -258,6 +318,9 @@ def test_corrupt_data_state_and_wrong_target(two_steps):
     data_file = path / "2" / "data" / "process_0-of-1.json"
     data_file.write_text("{truncated")
     ckpt = Checkpointer(path, read_only=True)
+    with pytest.raises(CheckpointError, match="differ from checksums.json: data/process_0-of-1"):
+        ckpt.restore(target)
+    os.remove(path / "2" / "checksums.json")
     with pytest.raises(CheckpointError, match=f"corrupt data-iterator state {data_file}"):
         ckpt.restore(target)
     wrong = dict(target, w=jax.ShapeDtypeStruct((3, 3), np.float32, sharding=target["w"].sharding))

@@ -9,6 +9,7 @@ fake `torch_utils.persistence` / `dnnlib.util` modules exist only while the pick
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -645,3 +646,160 @@ def test_bad_files(reference, loaded, tmp_path):
     with pytest.raises(ValueError, match="architecture"):
         sp.generator_kwargs(sp.PickledModule(
             "Generator", (), dict(g.init_kwargs, synthesis_kwargs={"architecture": "resnet"}), {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile and damaged pickles: refused with one line, in bounded memory, with nothing executed
+
+FUZZ_CASES = int(os.environ.get("VISCOIN_PICKLE_FUZZ_CASES", "150"))  # more: set it (e.g. 5000)
+FUZZ_SEED = int(os.environ.get("VISCOIN_PICKLE_FUZZ_SEED", "16"))
+_EXECUTED: list = []
+_WATCHING = [False]
+_SUSPICIOUS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "subprocess.",
+               "exec", "compile", "socket.", "os.remove", "os.rename", "os.rmdir", "shutil.",
+               "ctypes.", "import")
+
+
+def _audit(event, args):
+    if _WATCHING[0] and event.startswith(_SUSPICIOUS):
+        _EXECUTED.append((event, str(args[0])[:200] if args else ""))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only records while watching
+for _codec in ("raw_unicode_escape", "unicode_escape", "latin_1", "ascii", "utf_8"):
+    __import__(f"encodings.{_codec}")  # the codecs pickle decodes with: imported before watching
+
+
+class _Reduce:
+    def __init__(self, *reduced):
+        self.reduced = reduced
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _hostile_array(dtype_name, dtype_state, raw=b"\x01" * 16, shape=(2,)):
+    dtype = _Reduce(np.dtype, (dtype_name, False, True), dtype_state)  # numpy's own pickling
+    return _Reduce(np.arange(1).__reduce__()[0], (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
+
+
+@pytest.mark.parametrize("dtype_name, state, match", [
+    ("O8", (3, "|", None, None, None, -1, -1, 0), "refusing numpy dtype 'O8'"),  # flags cleared
+    ("f8", (3, "<", None, None, None, -1, -1, 63), "only the byte order"),  # object flags set
+    ("V8", (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 16), "refusing numpy dtype 'V8'"),
+])
+def test_hostile_numpy_dtypes_are_refused_in_one_line(tmp_path, dtype_name, state, match):
+    path = tmp_path / "dtype.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _hostile_array(dtype_name, state)}))
+    # in a new process: had the array been built, printing it would crash the interpreter
+    code = ("import sys; from viscoin_jax.convert import stylegan2_pickle as sp\n"
+            f"try:\n    sp.load_stylegan2_pickle({str(path)!r})\n"
+            "except ValueError as e:\n    print(e); sys.exit(2)\n")
+    proc = __import__("subprocess").run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert match in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_plain_numpy_values_still_load(tmp_path):
+    values = {"a": np.arange(12, dtype=">i4").reshape(3, 4), "f": np.asfortranarray(np.eye(3)),
+              "s": np.float64(2.5), "b": np.array([True, False]), "e": np.zeros((0, 3), np.float16)}
+    path = tmp_path / "numpy.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": None, "values": values}))
+    with pytest.raises(ValueError, match="'G', 'D' or 'G_ema'"):  # no network, but it did load:
+        sp.load_stylegan2_pickle(path)
+    loaded = sp._materialise(sp._RestrictedUnpickler(open(path, "rb")).load())["values"]
+    for key, value in values.items():
+        assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value), key
+    # raw data that does not match the declared shape is refused
+    path.write_bytes(pickle.dumps({"x": _hostile_array("f8", (3, "<", None, None, None, -1, -1, 0),
+                                                       raw=b"\0" * 8, shape=(1 << 40,))}))
+    with pytest.raises(ValueError, match="needs 8796093022208 bytes of data"):
+        sp.load_stylegan2_pickle(path)
+
+
+def test_stride_zero_tensor_is_refused_before_allocating(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "expand.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": torch.zeros(1).expand(65536, 65536)}))
+    assert path.stat().st_size < 1000  # the 16 GiB tensor of the report
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"\(4294967296 elements\) is larger than its storage"):
+            sp.load_stylegan2_pickle(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def _mutants(data: bytes, count: int, seed: int):
+    """Seeded mutations of a valid pickle: byte flips, truncations and opcode swaps."""
+    import pickletools
+
+    rng = np.random.default_rng(seed)
+    opcodes = [pos for _, _, pos in pickletools.genops(data)]
+    codes = sorted({data[p] for p in opcodes})
+    for i in range(count):
+        buf = bytearray(data)
+        kind = ("flip", "truncate", "opcode")[i % 3]
+        if kind == "flip":
+            for pos in rng.integers(0, len(buf), rng.integers(1, 5)):
+                buf[pos] ^= int(rng.integers(1, 256))
+        elif kind == "truncate":
+            del buf[int(rng.integers(0, len(buf))):]
+        else:
+            for _ in range(int(rng.integers(1, 3))):
+                buf[opcodes[int(rng.integers(0, len(opcodes)))]] = codes[int(rng.integers(0, len(codes)))]
+        yield i, kind, bytes(buf)
+
+
+def test_mutated_pickles_convert_or_fail_in_one_line(reference, tmp_path):
+    """Each mutant of the valid fixture loads and converts, or raises ValueError (the CLI's rc 2
+    with one line), with bounded Python/numpy memory and no code run (audit hook)."""
+    import tracemalloc
+
+    data = reference.path.read_bytes()
+    limit = 16 * len(data) + (32 << 20)
+    outcomes = collections.Counter()
+    path = tmp_path / "mutant.pkl"
+    for i, kind, mutant in _mutants(data, FUZZ_CASES, FUZZ_SEED):
+        path.write_bytes(mutant)
+        tracemalloc.start()
+        _WATCHING[0] = True
+        try:
+            loaded = sp.load_stylegan2_pickle(path)
+        except ValueError as e:
+            loaded, message = None, str(e)
+            assert "\n" not in message and len(message) < 600, (i, kind, message[:2000])
+        finally:
+            _WATCHING[0] = False
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < limit, (i, kind, peak)
+        assert not _EXECUTED, (i, kind, _EXECUTED)
+        if loaded is None:
+            outcomes[f"{kind}: refused"] += 1
+            continue
+        try:
+            for name, build in (("G_ema", sp.generator_from_pickle), ("D", sp.discriminator_from_pickle)):
+                if isinstance(loaded.get(name), sp.PickledModule):
+                    build(loaded[name], impl="xla")
+            outcomes[f"{kind}: converted"] += 1
+        except ValueError as e:
+            assert "\n" not in str(e) and len(str(e)) < 600, (i, kind, str(e)[:2000])
+            outcomes[f"{kind}: refused at conversion"] += 1
+    assert sum(outcomes.values()) == FUZZ_CASES
+    print(dict(outcomes))
+
+
+def test_cli_reports_a_hostile_pickle_in_one_line_with_rc_2(tmp_path, capsys):
+    from viscoin_jax import cli
+
+    path = tmp_path / "dtype.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _hostile_array("O8", (3, "|", None, None, None, -1, -1, 0))}))
+    assert cli.main(["convert", "stylegan2", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing numpy dtype 'O8'" in err[0] and str(path) in err[0]
+    assert not (tmp_path / "out").exists()

@@ -217,10 +217,10 @@ def test_image_folder_errors(tmp_path):
         sources.ImageFolderSource(tree)
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tree / "b" / "y.jpg")
     (tree / "b" / "z.png").write_bytes(b"\x89PNG broken")
-    src = sources.ImageFolderSource(tree)
-    assert src[1]["image"].shape == (4, 4, 3)  # the jpg reads
     with pytest.raises(ValueError, match=r"cannot read image .*z\.png"):
-        src[2]
+        sources.load_image(tree / "b" / "z.png")
+    src = sources.ImageFolderSource(tree, bad_images="skip")
+    assert src[1]["image"].shape == (4, 4, 3)  # the jpg reads
     with pytest.raises(ValueError, match="needs data_dir"):
         make_dataset(name="nct_crc_he", shard_index=0, shard_count=1)
 
@@ -330,3 +330,78 @@ def test_options_errors():
     assert set(pipeline.known_datasets()) >= {"synthetic/blob_binary", "cub200",
                                              "colorectal_histology", "nct_crc_he"}
     assert math.isclose(pipeline.DataOptions().crop_ratio[1], 4 / 3)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(16)
+    gray = rng.integers(0, 65536, (5, 7)).astype(np.uint16)
+    gray[0, :3] = (0, 257 * 100, 65535)
+    Image.fromarray(gray).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode in ("I;16", "I")  # Pillow reads it as 16-bit
+    image = sources.load_image(tmp_path / "deep.png")
+    expected = np.floor(gray.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert image.shape == (5, 7, 3) and image.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(image[..., c], expected)
+    assert tuple(image[0, :3, 0]) == (0, 100, 255)
+    # 8-bit images are unchanged
+    rgb = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(sources.load_image(tmp_path / "rgb.png"), rgb)
+
+
+def _folder_with_bad_files(root, rng):
+    for name in ("ADI", "TUM"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)).save(root / name / f"{i}.png")
+    good = (root / "TUM" / "1.png").read_bytes()
+    (root / "ADI" / "1.png").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "TUM" / "2.png").write_bytes(b"")  # empty
+    return [str(root / "ADI" / "1.png"), str(root / "TUM" / "2.png")]
+
+
+def test_unreadable_images_fail_at_the_start_listing_them(tmp_path):
+    bad = _folder_with_bad_files(tmp_path / "train", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="2 of 6 images in .* cannot be read") as info:
+        make_dataset(name="nct_crc_he", data_dir=str(tmp_path), split="train", resolution=4,
+                     batch_size=2, train=False, shard_index=0, shard_count=1)
+    for path in bad:
+        assert path in str(info.value)
+    assert "bad_images='skip'" in str(info.value)
+
+
+def test_unreadable_images_are_skipped_and_counted_when_asked(tmp_path, caplog):
+    bad = _folder_with_bad_files(tmp_path / "train", np.random.default_rng(1))
+    caplog.set_level("WARNING")
+    src = sources.ImageFolderSource(tmp_path / "train", bad_images="skip")
+    assert len(src) == 4 and src.skipped == 2
+    assert not {str(src.root / f) for f in src.files} & set(bad)
+    assert any("skipping 2 unreadable images of 6" in r.getMessage() for r in caplog.records)
+    batches = list(make_dataset(name="nct_crc_he", data_dir=str(tmp_path), split="train",
+                                resolution=4, batch_size=2, train=False, bad_images="skip",
+                                shard_index=0, shard_count=1))
+    assert sum(len(b["label"]) for b in batches) == 4  # the whole pass reads
+    with pytest.raises(ValueError, match="bad_images must be one of"):
+        make_dataset(name="nct_crc_he", data_dir=str(tmp_path), split="train", bad_images="ignore",
+                     shard_index=0, shard_count=1)
+
+
+def test_class_balanced_order_takes_classes_in_turn():
+    rng = np.random.default_rng(5)
+    labels = np.sort(rng.integers(0, 3, 23))
+    order = sources.class_balanced_order(labels)
+    assert sorted(order) == list(range(23))
+    for n in range(1, 24):  # every prefix: class counts differ by at most one while all remain
+        counts = np.bincount(labels[order[:n]], minlength=3)
+        left = np.bincount(labels, minlength=3) - counts
+        live = counts[left > 0]
+        assert live.size == 0 or live.max() - live.min() <= 1
+
+
+def test_a_file_damaged_after_a_check_is_found_by_the_next(tmp_path):
+    _folder_with_bad_files(tmp_path / "train", np.random.default_rng(2))
+    assert len(sources.ImageFolderSource(tmp_path / "train", bad_images="skip")) == 4
+    (tmp_path / "train" / "ADI" / "0.png").write_bytes(b"not a png any more")
+    assert len(sources.ImageFolderSource(tmp_path / "train", bad_images="skip")) == 3

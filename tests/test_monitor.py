@@ -314,3 +314,31 @@ def test_scalars_history_reads_back_in_order(tmp_path):
     assert history["eval/fid"] == [(s, float(v)) for s, v in zip((3, 11, 20), values[[0, 2, 3], 1])]
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         monitor.read_scalars(tmp_path / "nothing")
+
+
+def test_divergence_watch_warns_once_when_a_loss_leaves_its_range():
+    rng = np.random.default_rng(7)
+    watch = monitor.DivergenceWatch(orders=2)
+    calm = [(s, {"loss": v, "accuracy": 1e6 * s, "G_loss": -v})  # non-loss metrics are ignored
+            for s, v in enumerate(np.exp(-np.linspace(0, 8, 40)) * rng.uniform(0.5, 1.5, 40), 1)]
+    assert watch(calm) == []  # falling by 3 orders of magnitude is fine
+    wobble = [(41, {"loss": 0.9}), (42, {"loss": 1e-3})]  # back up to its old size: in range
+    assert watch(wobble) == []
+    largest = max(abs(m["loss"]) for _, m in calm + wobble)
+    up = [(43, {"loss": 150 * largest, "G_loss": 5.0}), (44, {"loss": 1e4 * largest})]
+    warnings = watch(up)
+    assert len(warnings) == 1 and "loss is" in warnings[0] and "at step 43" in warnings[0]
+    assert watch([(45, {"loss": 1e6 * largest})]) == []  # said once while it stays out
+    assert watch([(46, {"loss": 0.5 * largest})]) == []  # back in range: re-armed
+    again = watch([(47, {"G_loss": np.float32(-1e9)})])  # |value|, any *_loss
+    assert len(again) == 1 and again[0].startswith("G_loss is 1e+09 at step 47")
+    assert monitor.DivergenceWatch(orders=2)([(1, {"loss": 0.0}), (2, {"loss": 5.0})]) == []
+
+
+def test_a_huge_learning_rate_is_reported(tmp_path, caplog):
+    config = load_config(TOY, RUN + ["--config.toy.learning_rate=1e6", "--config.toy.input_noise=0"])
+    caplog.set_level("WARNING", logger="viscoin_jax.train")
+    result = run_training(ToyTask(config), config, tmp_path)  # trains on, with finite losses
+    assert result.step == config.train.num_steps
+    warned = [r.getMessage() for r in caplog.records if "the run is diverging" in r.getMessage()]
+    assert warned and warned[0].startswith("loss is "), [r.getMessage() for r in caplog.records]

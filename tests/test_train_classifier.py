@@ -99,3 +99,41 @@ def test_unknown_model_name_is_rejected(tmp_path):
     config = _config(tmp_path, "--config.model.name=vit")
     with pytest.raises(ValueError, match="unknown classifier config.model.name 'vit'"):
         classifier.make_task(config)
+
+
+def test_z_prime_is_undefined_when_a_class_is_missing(tmp_path, monkeypatch, caplog):
+    config = _config(tmp_path)
+    task = classifier.make_task(config)
+    state = jax.jit(task.init)(jax.random.key(0))
+    rng = np.random.default_rng(2)
+    batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+                "label": np.zeros(8, np.int32)} for _ in range(2)]
+    monkeypatch.setattr(classifier.common, "eval_batches", lambda *a, **k: iter(batches))
+    caplog.set_level("WARNING")
+    out = classifier.full_evaluation(task, state)  # raised ValueError before
+    assert out["z_prime"] is None and out["num_examples"] == 16
+    assert any("Z'-factor undefined" in r.getMessage() and "[1]" in r.getMessage()
+               for r in caplog.records)
+    pred = np.concatenate([classifier.predict(task, state, b["image"]) for b in batches]).argmax(-1)
+    assert out["accuracy"] == pytest.approx(np.mean(pred == 0))
+
+
+def test_capped_evaluation_of_a_class_sorted_folder_is_class_balanced(tmp_path):
+    from PIL import Image
+
+    from viscoin_jax.data.pipeline import data_config
+    from viscoin_jax.training import common
+
+    rng = np.random.default_rng(3)
+    for name in ("ADI", "TUM"):  # stored class by class, as image folders are
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (5, 5, 3)).astype(np.uint8)).save(
+                tmp_path / "test" / name / f"{i:02d}.png")
+    from ml_collections import ConfigDict
+    config = ConfigDict({"data": data_config(name="nct_crc_he", data_dir=str(tmp_path), resolution=4),
+                         "eval": ConfigDict({"split": "test", "batch_size": 8})})
+    labels = np.concatenate([b["label"] for b in common.eval_batches(config, max_batches=2)])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=2), [8, 8])  # was 16 x class 0
+    full = np.concatenate([b["label"] for b in common.eval_batches(config)])
+    np.testing.assert_array_equal(full, [0] * 24 + [1] * 24)  # the uncapped pass: in order, all

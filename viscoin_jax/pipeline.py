@@ -6,7 +6,9 @@ Stages (each a sub-config of `config.stages`, trained by the trainer its `traine
 `WORKDIR/<stage>`): classifier (ResNet), iresnet, stylegan2, viscoin, then `explain` on held-out
 images, written to `WORKDIR/report/`. A stage whose run has reached its last step and finished its
 evaluation (`WORKDIR/<stage>/DONE`) is skipped, so an interrupted pipeline picks up where it
-stopped (an unfinished stage resumes from its own latest checkpoint). Later stages read earlier
+stopped (an unfinished stage resumes from its own latest checkpoint). A stage stopped by SIGTERM or
+a preemption notice saves its checkpoint, gets no DONE, and the pipeline exits with status 75
+(`training.loop.EXIT_PREEMPTED`) without starting the next stage. Later stages read earlier
 ones through `*_workdir` fields filled in here (`viscoin.classifier_workdir`, ...).
 """
 
@@ -37,6 +39,9 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
     t0 = time.perf_counter()
     log.info("stage %s: training in %s", name, workdir)
     out = trainer_module(config.trainer).train(config, str(workdir))
+    result = out[0] if isinstance(out, tuple) and out else out
+    if getattr(result, "preempted", False):  # a trainer that returned instead of raising
+        result.raise_if_preempted()
     metrics = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else {}
     summary = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "metrics": metrics}
     (workdir / DONE).write_text(json.dumps(summary, indent=1, default=float))
@@ -45,11 +50,12 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
 
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
-    from .training.config import save_config
+    from .training.config import CONFIG_JSON, record_config
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    # a rerun with another config keeps the first config.json (finished stages were trained with it)
+    record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
     summary = {}
     order = list(config.stage_order)
     for name in order:
@@ -123,8 +129,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2
     from .training.distributed import maybe_initialize_distributed
+    from .training.loop import Preempted
+    from .training.train_cli import report_user_error, user_errors
     maybe_initialize_distributed()
-    run_pipeline(config, args.workdir)
+    try:
+        run_pipeline(config, args.workdir)
+    except Preempted as e:  # the stage's checkpoint is saved and it has no DONE: a rerun resumes it
+        print(f"viscoin-jax run: {e}", file=sys.stderr)
+        return e.exit_code
+    except user_errors() as e:  # config, data, paths: one line, exit status 2
+        return report_user_error("viscoin-jax run", e)
     return 0
 
 

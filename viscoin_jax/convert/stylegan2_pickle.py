@@ -14,7 +14,13 @@ source. This module instead reads them with a restricted unpickler:
   `PickledModule` holding the class name, constructor kwargs and state;
 - tensors become numpy arrays: each storage is a nested legacy `torch.save` stream that is parsed
   here (magic number, pickled header, storage records, raw little-endian data) with the same
-  restricted unpickler, so torch is not needed.
+  restricted (pure-Python) unpickler, so torch is not needed;
+- hostile files fail with a `ValueError` before they cost memory: numpy dtypes, scalars and arrays
+  are rebuilt by stand-ins that accept only plain numeric dtypes and raw data of exactly the
+  declared size (an object dtype with its flags cleared would turn bytes into pointers), a tensor
+  may not hold more elements than its storage (stride 0 with a huge size), the file is read from
+  memory (a length field cannot make a read allocate), and error messages describe untrusted
+  values by type and shape instead of printing them.
 
 `convert_stylegan2(pkl, out_dir)` then builds our `Generator` / `Discriminator` from the pickle's
 constructor kwargs, maps the reference weights onto them (layouts in `viscoin_jax.models.stylegan2`:
@@ -108,9 +114,11 @@ def _reconstruct_persistent_obj(meta):
     """Stand-in for `torch_utils.persistence._reconstruct_persistent_obj`: never runs meta's source."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta:
         raise ValueError("malformed persistent object (expected meta with type='class' and class_name)")
+    if not isinstance(meta["class_name"], str):
+        raise ValueError(f"persistent object with class name {_describe(meta['class_name'])}")
     state = meta.get("state") or {}
     if not isinstance(state, dict):
-        raise ValueError(f"persistent object {meta['class_name']!r} has a non-dict state")
+        raise ValueError(f"persistent object {_describe(meta['class_name'])} has a non-dict state")
     return PickledModule(class_name=str(meta["class_name"]),
                          init_args=tuple(state.get("_init_args") or ()),
                          init_kwargs=dict(state.get("_init_kwargs") or {}),
@@ -123,6 +131,134 @@ class _StorageType:
 
     name: str
     dtype: Any
+
+
+def _describe(value: Any, limit: int = 60) -> str:
+    """A short description of an untrusted value for error messages: never its full repr."""
+    if isinstance(value, (bool, int, float, type(None))):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+    elif isinstance(value, np.ndarray):
+        return f"array(shape={value.shape}, dtype={value.dtype.str})"
+    else:
+        return type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_PLAIN_KINDS = "biufc"  # bool, signed / unsigned integers, floats, complex
+_MAX_NDIM = 16
+
+
+def _plain_dtype(value: Any) -> np.dtype:
+    """`value` as a plain numeric numpy dtype, or a ValueError (objects, records, sub-arrays...)."""
+    if isinstance(value, _DtypeStandIn):
+        return value.dtype
+    if isinstance(value, np.dtype) and value.kind in _PLAIN_KINDS and value.fields is None \
+            and value.subdtype is None and not value.hasobject:
+        return value
+    raise ValueError(f"refusing numpy dtype {_describe(value)}: only plain numeric dtypes are "
+                     "allowed")
+
+
+class _DtypeStandIn:
+    """What `numpy.dtype(name, align, copy)` builds while unpickling: a plain numeric dtype.
+
+    Its pickled state may only set the byte order; any other state (fields, sub-arrays, object
+    flags) is refused, so no dtype can make numpy read raw bytes as object pointers.
+    """
+
+    def __init__(self, name: Any = None, align: Any = False, copy: Any = False):
+        del align, copy
+        if not isinstance(name, str) or not 1 <= len(name) <= 4:
+            raise ValueError(f"refusing numpy dtype {_describe(name)}")
+        try:
+            dtype = np.dtype(name)
+        except TypeError:
+            raise ValueError(f"refusing numpy dtype {_describe(name)}") from None
+        if dtype.kind not in _PLAIN_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise ValueError(f"refusing numpy dtype {name!r} (kind {dtype.kind!r}): only plain "
+                             "numeric dtypes are allowed")
+        self.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] in (3, 4)
+              and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)
+              and state[5:8] == (-1, -1, 0))
+        if not ok:
+            raise ValueError(f"refusing numpy dtype state for {self.dtype.str} (only the byte "
+                             "order of a plain numeric dtype may be set)")
+        if state[1] in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_NDIM or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise ValueError(f"bad array shape {_describe(value)}")
+    return tuple(value)
+
+
+def _scalar(dtype: Any, data: Any = None):
+    """Stand-in for `numpy.core.multiarray.scalar`: a plain numeric scalar from its raw bytes."""
+    dtype = _plain_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise ValueError(f"bad numpy scalar data for {dtype.str} ({_describe(data)})")
+    return np.frombuffer(data, dtype)[0]
+
+
+class _NdarrayMarker:
+    """Stand-in for `numpy.ndarray` as an argument of `_reconstruct`; it cannot be called."""
+
+
+class _ArrayStandIn:
+    """Stand-in for `numpy.core.multiarray._reconstruct(ndarray, shape, typecode)`.
+
+    Its state (version, shape, dtype, is_fortran, raw bytes) becomes `self.array` only for a plain
+    numeric dtype and raw data of exactly shape x itemsize bytes; the loader swaps it for the array.
+    """
+
+    def __init__(self, subtype: Any = None, shape: Any = None, typecode: Any = None):
+        if subtype is not _NdarrayMarker:
+            raise ValueError(f"refusing numpy _reconstruct of {_describe(subtype)}")
+        self.array = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise ValueError("bad numpy array state")
+        shape, dtype, fortran, raw = state[-4:]
+        shape, dtype = _shape(shape), _plain_dtype(dtype)
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != count * dtype.itemsize:
+            raise ValueError(f"numpy array of shape {shape} and dtype {dtype.str} needs "
+                             f"{count * dtype.itemsize} bytes of data, got {_describe(raw)} "
+                             f"({len(raw) if isinstance(raw, (bytes, bytearray)) else '?'} bytes)")
+        self.array = np.frombuffer(bytes(raw), dtype).reshape(
+            shape, order="F" if fortran is True else "C").copy()
+
+
+def _materialise(value: Any, depth: int = 0) -> Any:
+    """Replaces the `_ArrayStandIn`s left by unpickling with their arrays (in place for dicts)."""
+    if depth > 200:
+        raise ValueError("the pickle nests deeper than any network pickle")
+    if isinstance(value, _ArrayStandIn):
+        if value.array is None:
+            raise ValueError("a numpy array in the pickle has no data")
+        return value.array
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = _materialise(value[key], depth + 1)
+        return value
+    if isinstance(value, list):
+        value[:] = [_materialise(v, depth + 1) for v in value]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_materialise(v, depth + 1) for v in value)
+    if isinstance(value, PickledModule):
+        value.init_args = _materialise(value.init_args, depth + 1)
+        _materialise(value.init_kwargs, depth + 1)
+        _materialise(value.state, depth + 1)
+    return value
 
 
 def _storage_types() -> dict[str, _StorageType]:
@@ -141,12 +277,18 @@ def _as_strided(storage, storage_offset, size, stride):
     """A copy of storage viewed with (offset, size, stride), with the bounds checked."""
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise ValueError(f"tensor storage must be a decoded storage, got {type(storage).__name__}")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    size, stride = _shape(size), _shape(stride)
+    if not isinstance(storage_offset, int):
+        raise ValueError(f"bad tensor storage offset {_describe(storage_offset)}")
     offset = int(storage_offset)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise ValueError(f"bad tensor geometry: offset {offset}, size {size}, stride {stride}")
     if 0 in size:
         return np.zeros(size, storage.dtype)
+    count = int(np.prod(size, dtype=object))
+    if count > storage.size:  # e.g. stride 0 and a huge size: refused before anything is allocated
+        raise ValueError(f"tensor of size {size} ({count} elements) is larger than its storage "
+                         f"({storage.size} elements)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
         raise ValueError(f"tensor (offset {offset}, size {size}, stride {stride}) reads past its "
@@ -199,7 +341,7 @@ def _load_from_bytes(data: bytes) -> np.ndarray:
     arrays = {}
     for key in keys:
         if key not in kinds:
-            raise ValueError(f"corrupt storage payload (unknown storage key {key!r})")
+            raise ValueError(f"corrupt storage payload (unknown storage key {_describe(key)})")
         header = f.read(8)
         if len(header) != 8:
             raise ValueError("corrupt storage payload (truncated header)")
@@ -228,13 +370,7 @@ class _StorageRef:
     view: tuple | None
 
 
-def _numpy_multiarray():
-    core = getattr(np, "_core", None)
-    return core.multiarray if core is not None else np.core.multiarray
-
-
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    multiarray = _numpy_multiarray()
     allowed = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
@@ -247,20 +383,25 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
         ("dnnlib.util", "EasyDict"): EasyDict,
         ("dnnlib", "EasyDict"): EasyDict,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _DtypeStandIn,
+        ("numpy", "ndarray"): _NdarrayMarker,
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "scalar")] = multiarray.scalar
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod, "scalar")] = _scalar
+        allowed[(mod, "_reconstruct")] = _ArrayStandIn
     for name, kind in _storage_types().items():
         allowed[("torch", name)] = kind
         allowed[("torch.cuda", name)] = kind
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the allow-listed globals, to inert stand-ins; refuses everything else."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only the allow-listed globals, to inert stand-ins; refuses everything else.
+
+    Built on the pure-Python unpickler: the C one allocates what a length field or a memo index
+    asks for before reading (a flipped byte can ask for gigabytes); this one reads at most what
+    the file holds and keeps its memo in a dict.
+    """
 
     _allowed: dict | None = None
 
@@ -273,8 +414,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         target = self._allowed.get((module, name))
         if target is None:
+            shown = f"{module}.{name}"
+            shown = shown if shown.isprintable() and len(shown) <= 120 else _describe(shown)
             raise RefusedPickleError(
-                f"refusing to load global '{module}.{name}': it is not used by official "
+                f"refusing to load global '{shown}': it is not used by official "
                 "StyleGAN2-ADA pickles (only tensors, numpy values, dicts and "
                 "torch_utils.persistence network objects are allowed)")
         return target
@@ -284,7 +427,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # ('storage', storage_type, key, location, numel, view_metadata).
         if (self._records is None or not isinstance(pid, tuple) or len(pid) != 6
                 or pid[0] != "storage" or not isinstance(pid[1], _StorageType)):
-            raise RefusedPickleError(f"refusing persistent id {pid!r:.80}")
+            raise RefusedPickleError(f"refusing persistent id {_describe(pid)}")
         self._records.append(pid)
         return _StorageRef(str(pid[2]), tuple(pid[5]) if pid[5] is not None else None)
 
@@ -302,18 +445,19 @@ def load_stylegan2_pickle(path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such StyleGAN2 pickle: {path}")
-    with open(path, "rb") as f:
-        try:
-            data = _RestrictedUnpickler(f).load()
-        except ValueError:
-            raise
-        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError,
-                struct.error, MemoryError) as exc:
-            raise ValueError(f"{path}: not a readable StyleGAN2-ADA pickle ({type(exc).__name__}: "
-                             f"{exc})") from exc
+    # From memory: a length field in the file can then never make a read allocate more than the file.
+    buffer = io.BytesIO(path.read_bytes())
+    try:
+        data = _materialise(_RestrictedUnpickler(buffer).load())
+    except RefusedPickleError as exc:
+        raise RefusedPickleError(f"{path}: {exc}") from None
+    except Exception as exc:  # whatever a damaged file raises: one line naming the file
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ValueError(f"{path}: not a readable StyleGAN2-ADA pickle ({type(exc).__name__}: "
+                         f"{detail})") from None
     if not isinstance(data, dict) or not any(isinstance(data.get(k), PickledModule) for k in NETWORK_KEYS):
         raise ValueError(f"{path}: expected a dict with 'G', 'D' or 'G_ema' networks "
-                         f"(a StyleGAN2-ADA network pickle), got {type(data).__name__}")
+                         f"(a StyleGAN2-ADA network pickle), got {_describe(data)}")
     return data
 
 
@@ -328,6 +472,23 @@ _D_POSITIONAL = ("c_dim", "img_resolution", "img_channels", "architecture", "cha
 # Reference options that only affect speed / mixed precision / training, not the function computed.
 _IGNORED = {"num_fp16_res", "fp16_channels_last", "channels_last", "fused_modconv_default",
             "freeze_layers", "use_fp16"}
+
+
+def _malformed_as_value_error(fn):
+    """Whatever a malformed network in a pickle makes `fn` raise becomes a one-line ValueError."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            if isinstance(exc, ValueError) and "\n" not in str(exc).strip():
+                raise
+            kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+            raise ValueError(f"malformed network in the pickle ({kind}{detail})") from None
+    return wrapper
 
 
 def _kwargs_of(net: PickledModule, positional: tuple[str, ...]) -> dict:
@@ -347,9 +508,9 @@ def _take(kwargs: dict, what: str, allowed: dict[str, Any], checks: dict[str, An
             expected = checks[key]
             ok = expected(value) if callable(expected) else value == expected
             if not ok:
-                raise ValueError(f"{what}: unsupported {key}={value!r}")
+                raise ValueError(f"{what}: unsupported {_describe(key)}={_describe(value)}")
         elif key not in _IGNORED:
-            raise ValueError(f"{what}: unsupported option {key}={value!r}")
+            raise ValueError(f"{what}: unsupported option {_describe(key)}={_describe(value)}")
     return out
 
 
@@ -359,10 +520,11 @@ def _same_filter(value) -> bool:
     return value is None or list(value) == list(DEFAULT_RESAMPLE_FILTER)
 
 
+@_malformed_as_value_error
 def generator_kwargs(net: PickledModule) -> dict[str, Any]:
     """Our `Generator` kwargs from a pickled reference Generator's constructor arguments."""
     if net.class_name != "Generator":
-        raise ValueError(f"expected a Generator, got class {net.class_name!r}")
+        raise ValueError(f"expected a Generator, got class {_describe(net.class_name)}")
     kw = _kwargs_of(net, _G_POSITIONAL)
     mapping = dict(kw.pop("mapping_kwargs", None) or {})
     synthesis = dict(kw.pop("synthesis_kwargs", None) or {})
@@ -383,10 +545,11 @@ def generator_kwargs(net: PickledModule) -> dict[str, Any]:
     return out
 
 
+@_malformed_as_value_error
 def discriminator_kwargs(net: PickledModule) -> dict[str, Any]:
     """Our `Discriminator` kwargs from a pickled reference Discriminator's constructor arguments."""
     if net.class_name != "Discriminator":
-        raise ValueError(f"expected a Discriminator, got class {net.class_name!r}")
+        raise ValueError(f"expected a Discriminator, got class {_describe(net.class_name)}")
     kw = _kwargs_of(net, _D_POSITIONAL)
     block = dict(kw.pop("block_kwargs", None) or {})
     mapping = dict(kw.pop("mapping_kwargs", None) or {})
@@ -494,13 +657,19 @@ def _from_reference(cls, kwargs: dict, state_dict: dict, impl: str):
     import jax.numpy as jnp
     from flax import nnx
 
-    abstract = nnx.eval_shape(lambda: cls(**kwargs, impl=impl, rngs=nnx.Rngs(0)))
+    try:
+        abstract = nnx.eval_shape(lambda: cls(**kwargs, impl=impl, rngs=nnx.Rngs(0)))
+    except Exception as exc:  # the kwargs come from the file: any failure is the file's
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ValueError(f"the pickle's {cls.__name__} arguments do not build a model "
+                         f"({type(exc).__name__}: {detail})") from None
     pure = reference_to_state(abstract, state_dict)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
     return nnx.merge(graphdef, state)
 
 
+@_malformed_as_value_error
 def generator_from_pickle(net: PickledModule, impl: str = "auto"):
     """Our `Generator` holding the weights of a pickled reference Generator (G or G_ema)."""
     from viscoin_jax.models.stylegan2 import Generator
@@ -508,6 +677,7 @@ def generator_from_pickle(net: PickledModule, impl: str = "auto"):
     return _from_reference(Generator, generator_kwargs(net), net.state_dict(), impl)
 
 
+@_malformed_as_value_error
 def discriminator_from_pickle(net: PickledModule, impl: str = "auto"):
     """Our `Discriminator` holding the weights of a pickled reference Discriminator."""
     from viscoin_jax.models.stylegan2 import Discriminator

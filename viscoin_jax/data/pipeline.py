@@ -75,6 +75,7 @@ class DataOptions:
     crop_ratio: tuple = (3 / 4, 4 / 3)  # ... and aspect ratio range
     eval_crop_fraction: float = 1.0  # centre crop: this fraction of the shorter side
     bbox_crop: bool = True  # cub200: crop each image to its bird box first
+    bad_images: str = "fail"  # image folders: "fail" listing unreadable files at the start, or "skip" them
     data_seed: int = 0  # synthetic: which examples (independent of the shuffle seed)
     synthetic_size: int | None = None  # synthetic: examples in the split (None: 10000 train, 2000 else)
     drop_remainder: bool | None = None  # None: = train
@@ -110,6 +111,8 @@ def resolve_options(config: Any = None, **overrides) -> DataOptions:
         raise ValueError(f"num_epochs must be >= 1 or None (forever when train), got {o.num_epochs}")
     if o.augment is not None and o.augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {o.augment!r}; known: {AUGMENTATIONS}")
+    if o.bad_images not in sources.BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {sources.BAD_IMAGE_POLICIES}, got {o.bad_images!r}")
     if not 0 <= int(o.seed) < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {o.seed}")
     if (o.shard_index is None) != (o.shard_count is None):
@@ -170,7 +173,7 @@ def make_source(config: Any = None, **overrides):
     if o.name == "nct_crc_he":
         if not o.data_dir:
             raise ValueError("nct_crc_he needs data_dir: the folder holding <split>/<class>/<image>")
-        return sources.ImageFolderSource(Path(o.data_dir) / o.split)
+        return sources.ImageFolderSource(Path(o.data_dir) / o.split, bad_images=o.bad_images)
     raise AssertionError(o.name)  # resolve_options checked the name
 
 

@@ -8,20 +8,29 @@ may differ in size (the transforms bring them to a fixed resolution).
   `colorectal_histology`. It never downloads: a data set that is not prepared is an error that says
   how to prepare it.
 - `ImageFolderSource` reads a tree with one folder per class (e.g. NCT-CRC-HE-100K) with Pillow;
-  class indices follow the sorted folder names.
+  class indices follow the sorted folder names. Every file is checked when the source is opened,
+  so that an unreadable one fails the run at its start (listing the bad files) instead of killing
+  it mid-way, or, with `bad_images="skip"`, is left out with a warning that counts them.
+
+16-bit images (PNG/TIFF grayscale, Pillow modes I;16 and I) are scaled to 8 bits, not clipped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,22 +123,69 @@ class TfdsSource:
 # Image folders
 
 
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3]; 16-bit grayscale (I;16*, I) is scaled by 255/65535 instead of clipped."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        gray = np.asarray(im).astype(np.float64)
+        gray = np.rint(np.clip(gray, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 [H, W, 3] RGB; ValueError naming the file if Pillow cannot read it."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
+            return _to_rgb8(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """None when Pillow can identify and verify the file (header and, for PNG, chunk checksums,
+    without decoding it), else the reason it cannot."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+_CHECKED: dict[tuple, dict[str, str]] = {}  # file list with sizes and mtimes -> bad files
+
+
+def find_bad_images(paths: Sequence[str | os.PathLike], threads: int = 8) -> dict[str, str]:
+    """{path: reason} of the files Pillow cannot read (checked in parallel threads; a folder
+    opened again unchanged, e.g. for each evaluation, is not checked again)."""
+    def stat(p):
+        try:
+            st = os.stat(p)
+            return str(p), st.st_size, st.st_mtime_ns
+        except OSError:
+            return str(p), -1, -1
+    key = tuple(stat(p) for p in paths)
+    if key not in _CHECKED:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            reasons = list(pool.map(check_image, paths))
+        _CHECKED[key] = {str(p): r for p, r in zip(paths, reasons) if r is not None}
+    return dict(_CHECKED[key])
 
 
 class ImageFolderSource:
     """Images under `root/<class name>/*.{png,jpg,tif,...}`; label = index of the sorted class name.
 
-    The file list is built once (sorted, so indices are the same on every host).
+    The file list is built once (sorted, so indices are the same on every host) and every file
+    is checked (`check_image`): unreadable ones raise a ValueError listing them
+    (`bad_images="fail"`), or are left out with a warning that counts them (`"skip"`).
     """
 
-    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 bad_images: str = "fail"):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (expected one "
@@ -148,6 +204,22 @@ class ImageFolderSource:
                 raise ValueError(f"class folder {root / name} has no images with extensions {exts}")
             files += [os.path.join(name, f) for f in found]
             labels += [label] * len(found)
+        bad = find_bad_images([root / f for f in files])
+        if bad and bad_images == "fail":
+            listed = "; ".join(f"{p} ({r})" for p, r in list(bad.items())[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ValueError(f"{len(bad)} of {len(files)} images in {root} cannot be read: "
+                             f"{listed}{more} (remove them, or set the data option "
+                             "bad_images='skip' to leave them out)")
+        if bad:
+            keep = [i for i, f in enumerate(files) if str(root / f) not in bad]
+            log.warning("skipping %d unreadable images of %d in %s (bad_images='skip'), e.g. %s",
+                        len(bad), len(files), root, next(iter(bad)))
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+            empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+            if empty:
+                raise ValueError(f"class folders {empty} of {root} have no readable images")
+        self.skipped = len(bad)
         self.root, self.class_names = root, tuple(classes)
         self.files, self.labels = files, np.asarray(labels, np.int32)
 
@@ -167,5 +239,35 @@ class ImageFolderSource:
                 "index": np.int32(index)}
 
 
-__all__ = ["IMAGE_EXTENSIONS", "crop_to_bbox", "open_tfds", "TfdsSource", "load_image",
-           "ImageFolderSource"]
+class Subset:
+    """Examples `indices` of a random-access source, in that order (their "index" unchanged)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, [int(i) for i in indices]
+        self.class_names = getattr(source, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[self.indices[int(index)]]
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {len(self)} examples)"
+
+
+def class_balanced_order(labels: Sequence[int]) -> list[int]:
+    """Indices that take the classes in turn (each in its own order), so that any prefix holds
+    every class about equally, e.g. for an evaluation capped at a few batches of a split stored
+    class by class."""
+    labels = np.asarray(labels)
+    per_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = []
+    for rank in range(max((len(p) for p in per_class), default=0)):
+        order += [int(p[rank]) for p in per_class if rank < len(p)]
+    return order
+
+
+__all__ = ["IMAGE_EXTENSIONS", "BAD_IMAGE_POLICIES", "crop_to_bbox", "open_tfds", "TfdsSource",
+           "load_image", "check_image", "find_bad_images", "ImageFolderSource", "Subset",
+           "class_balanced_order"]

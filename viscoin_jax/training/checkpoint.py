@@ -11,14 +11,19 @@ A checkpoint is one step directory `<workdir>/checkpoints/<step>/` with four ite
   `viscoin-jax explain`), supplied by the task.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash during a
-save leaves the previous checkpoints intact. Restoring checks the directory first and turns every
-failure into `FileNotFoundError` or `CheckpointError` naming the path.
+save leaves the previous checkpoints intact. Once a save is complete, process 0 adds
+`<step>/checksums.json`: the SHA-256 of every file of the step. Restoring verifies them (a flipped
+byte in an array file otherwise restores silently as a wrong value), checks the directory, and
+turns every failure into `FileNotFoundError` or `CheckpointError` naming the path;
+`restore_latest_valid` falls back to the previous checkpoint when the latest is damaged, keeping
+the damaged one (moved aside under `checkpoints.damaged/` by a writer, left in place by a reader).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into a step directory before it is renamed
 ITEMS = ("state", "data", "config", "metadata")
+CHECKSUMS = "checksums.json"  # written into a step directory after its save completed
+DAMAGED_SUBDIR = "checkpoints.damaged"  # beside checkpoints/: damaged steps a writer set aside
 
 
 class CheckpointError(ValueError):
@@ -131,6 +138,52 @@ def _json_default(value: Any):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_checksums(step_dir: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a step directory (the checksum file excepted)."""
+    return {p.relative_to(step_dir).as_posix(): _file_digest(p)
+            for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def write_checksums(step_dir: Path) -> Path:
+    path = step_dir / CHECKSUMS
+    tmp = path.with_name(CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": step_checksums(step_dir)}, indent=0))
+    os.replace(tmp, path)
+    return path
+
+
+def verify_checksums(step_dir: Path) -> bool:
+    """Raises `CheckpointError` naming the files of `step_dir` that differ from its checksums;
+    returns False (nothing to verify) when the step has no checksum file."""
+    path = step_dir / CHECKSUMS
+    if not path.is_file():
+        return False
+    try:
+        expected = json.loads(path.read_text())["files"]
+        assert isinstance(expected, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"checkpoint {step_dir}: unreadable {CHECKSUMS}") from None
+    bad = []
+    for name, digest in expected.items():
+        file = step_dir / name
+        if not file.is_file():
+            bad.append(f"{name} (missing)")
+        elif _file_digest(file) != digest:
+            bad.append(name)
+    if bad:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {len(bad)} file(s) differ from "
+                              f"{CHECKSUMS}: {', '.join(bad[:5])}")
+    return True
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints in `directory` (see the module docstring).
 
@@ -169,6 +222,8 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.read_only = read_only
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
 
     @classmethod
     def from_config(cls, config: Any, workdir: str | os.PathLike, **kwargs) -> "Checkpointer":
@@ -213,15 +268,28 @@ class Checkpointer:
         ckpt_metrics = None
         if metrics is not None and self.best_metric and self.best_metric in metrics:
             ckpt_metrics = {self.best_metric: float(metrics[self.best_metric])}
+        self._seal()  # the previous save is complete by now (Orbax saves one at a time)
         self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=ckpt_metrics,
                            force=True)
+        self._unsealed.append(int(step))
+
+    def _seal(self) -> None:
+        """Waits for saves in flight, then writes the checksums of the completed ones."""
+        self._manager.wait_until_finished()
+        pending, self._unsealed = self._unsealed, []
+        if jax.process_index() != 0:
+            return
+        for step in pending:
+            step_dir = self.step_dir(step)
+            if (step_dir / COMMIT_MARKER).is_file():  # gone when retention removed it already
+                write_checksums(step_dir)
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (with their checksums)."""
+        self._seal()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self._seal()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -260,10 +328,15 @@ class Checkpointer:
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` (e.g. from
         `mesh.abstract_with_sharding`); the mesh may differ from the one that saved. With None the
-        arrays come back as saved, which needs the saving mesh's devices.
+        arrays come back as saved, which needs the saving mesh's devices. The step's files are
+        verified against its checksums first (steps saved without them are restored unverified,
+        with a warning).
         """
         step = self._check_step(step)
         step_dir = self.step_dir(step)
+        if not verify_checksums(step_dir):
+            log.warning("checkpoint %s has no %s: restored without verification", step_dir,
+                        CHECKSUMS)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
         present = {p.name for p in step_dir.iterdir() if p.is_dir()}
         if restore_data and "data" in present:
@@ -285,6 +358,66 @@ class Checkpointer:
         return Restored(step=step, state=get("state"), data_state=get("data"),
                         config=get("config"), metadata=get("metadata"))
 
+    def restore_latest_valid(self, abstract_state: Any = None, *, restore_data: bool = True
+                             ) -> Restored | None:
+        """Restores the newest checkpoint that verifies and restores; None when there is none.
+
+        Each damaged newer step is reported with a warning naming it and kept: a writer moves it
+        to `checkpoints.damaged/<step>` (so that the resumed run can save that step again), a
+        read-only reader leaves it where it is. Raises the newest step's error when none restores.
+        """
+        failed: list[tuple[int, CheckpointError]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(abstract_state, step, restore_data=restore_data)
+            except CheckpointError as e:
+                failed.append((step, e))
+                continue
+            # Only once an earlier step restored: when none does (e.g. a run resumed with another
+            # model config), nothing is moved and the newest step's error is raised.
+            kept = self._set_aside([s for s, _ in failed]) if failed and not self.read_only else {}
+            for bad, error in failed:
+                log.warning("checkpoint step %d cannot be used (%s); falling back to step %d; "
+                            "step %d is kept at %s", bad, error, step, bad,
+                            kept.get(bad, self.step_dir(bad)))
+            return restored
+        if failed:
+            raise failed[0][1]
+        return None
+
+    def latest_verified_step(self) -> int:
+        """The newest step whose files match its checksums, for readers that pick a step before
+        restoring it; damaged newer steps are named in a warning and left in place."""
+        self._manager.wait_until_finished()
+        steps = self.all_steps()
+        for step in reversed(steps):
+            try:
+                verify_checksums(self.step_dir(step))
+            except CheckpointError as e:
+                log.warning("checkpoint step %d cannot be used (%s); falling back to the previous "
+                            "checkpoint", step, e)
+                continue
+            return step
+        return self._check_step(None)  # none: raises the usual errors (or the newest is used)
+
+    def _set_aside(self, steps: list[int]) -> dict[int, Path]:
+        """Moves damaged steps out of Orbax's directory (never deleting them), so that the
+        resumed run can save those steps again."""
+        kept = {}
+        for step in steps:
+            target = self.directory.parent / DAMAGED_SUBDIR / str(step)
+            if target.exists():
+                target = target.with_name(f"{step}.{os.getpid()}")
+            if jax.process_index() == 0:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.step_dir(step), target)
+            kept[step] = target
+        if jax.process_count() > 1:  # every process sees the moves before it lists steps again
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("viscoin_jax checkpoint set aside")
+        self._manager.reload()
+        return kept
+
     def read_json(self, step: int | None = None) -> tuple[dict | None, dict | None]:
         """(config, metadata) of a checkpoint without reading its arrays."""
         step = self._check_step(step)
@@ -302,4 +435,5 @@ class Checkpointer:
 
 
 __all__ = ["Checkpointer", "CheckpointError", "Restored", "CHECKPOINT_SUBDIR", "DataStateHandler",
+           "CHECKSUMS", "DAMAGED_SUBDIR", "step_checksums", "write_checksums", "verify_checksums",
            "DataStateSave", "DataStateRestore"]

@@ -4,7 +4,8 @@
 
 Cross-entropy with optional label smoothing, an optax schedule, evaluation every N steps, and at the
 end an exact pass over the evaluation split: accuracy, per-class accuracy and, for binary tasks,
-the Z'-factor of the predicted positive-class probability (seed 001's separability score). The
+the Z'-factor of the predicted positive-class probability (seed 001's separability score; None,
+"undefined", when the evaluation examples lack a class). The
 state is `{"params", "batch_stats", "opt_state"}`; batch statistics (BatchNorm running averages,
 ActNorm / spectral-norm buffers) are updated in training and used as-is in evaluation.
 """
@@ -172,13 +173,18 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
     out = {"accuracy": float(np.mean(pred == labels)), "per_class_accuracy": per_class,
            "balanced_accuracy": float(np.mean(list(per_class.values()))), "num_examples": int(len(labels))}
     if task.num_classes == 2:
-        prob = jax.nn.softmax(logits, -1)[:, 1]
-        out["z_prime"] = float(z_prime_from_labels(np.asarray(prob), labels, positive_label=1))
+        missing = sorted({0, 1} - {int(c) for c in np.unique(labels)})
+        if missing:  # Z' compares the two classes' scores: undefined without one of them
+            log.warning("Z'-factor undefined: the evaluation examples hold no class %s", missing)
+            out["z_prime"] = None
+        else:
+            prob = jax.nn.softmax(logits, -1)[:, 1]
+            out["z_prime"] = float(z_prime_from_labels(np.asarray(prob), labels, positive_label=1))
     return out
 
 
 def train(config: Any, workdir: str):
-    result = run_training(make_task(config), config, workdir)
+    result = run_training(make_task(config), config, workdir).raise_if_preempted()
     task = make_task(config)
     metrics = full_evaluation(task, result.state["task"])
     log.info("final evaluation: %s", metrics)

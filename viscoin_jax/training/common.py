@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from ..data import pipeline
+from ..data import pipeline, sources
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer
 from .config import config_from_dict
@@ -61,11 +61,18 @@ def train_batches(config: Any, data_state: Any, keys=("image", "label"), seed_of
 def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None,
                  split: str | None = None):
     """One pass, in order and without augmentation, over `split` (default `config.eval.split`);
-    the same batch count on every host."""
+    the same batch count on every host. With `max_batches`, a source that knows its labels (image
+    folders, stored class by class) is read class by class in turn, so the capped pass is
+    class-balanced."""
     data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
     data.update(split=split or config.eval.split, train=False, drop_remainder=True,
                 batch_size=mesh_lib.local_batch_size(config.eval.batch_size))
-    it = DataBatches(pipeline.make_iterator(data), keys)
+    source = None
+    if max_batches is not None:  # a capped pass: take the classes in turn where labels are known
+        source = pipeline.make_source(data)
+        if hasattr(source, "labels") and max_batches * int(config.eval.batch_size) < len(source):
+            source = sources.Subset(source, sources.class_balanced_order(source.labels))
+    it = DataBatches(pipeline.make_iterator(data, source=source), keys)
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             return
@@ -118,8 +125,10 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
     """
     from .train_cli import trainer_module
 
-    ckpt = Checkpointer(checkpoint_dir(path), async_save=False)
+    ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:
+        if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
+            step = ckpt.latest_verified_step()
         config_json, metadata = ckpt.read_json(step)
         if config_json is None:
             raise FileNotFoundError(f"checkpoint in {path} has no saved config")

@@ -13,11 +13,14 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ml_collections import ConfigDict
+
+log = logging.getLogger(__name__)
 
 CONFIG_JSON = "config.json"
 CONFIG_TXT = "config.txt"
@@ -257,6 +260,45 @@ def save_config(config: ConfigDict, workdir: str | os.PathLike) -> Path:
     return path
 
 
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`["train.num_steps: 6 -> 8", "optim.b3: (absent) -> 0.5", ...]` between two config dicts."""
+    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    missing = "(absent)"
+    return [f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}".replace("'(absent)'", missing)
+            for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
+
+
+def record_config(config: ConfigDict, workdir: str | os.PathLike, *, resuming: bool) -> list[str]:
+    """Writes the run's config into `workdir`, except over the config of a run being resumed.
+
+    A resumed run whose config differs from its saved `config.json` keeps that file (it describes
+    the checkpoints already there) and logs the keys that changed; returns them (empty when equal).
+    """
+    path = Path(workdir) / CONFIG_JSON
+    if resuming and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict):
+            changes = config_changes(old, config_to_dict(config))
+            if changes:
+                log.warning("resuming %s with a changed config (%s kept as it was; the new config "
+                            "goes into the new checkpoints): %s", workdir, path, "; ".join(changes))
+            return changes
+    save_config(config, workdir)
+    return []
+
+
 def load_saved_config(workdir: str | os.PathLike) -> ConfigDict:
     """Reads the `config.json` that `save_config` wrote into `workdir`; returns a locked config."""
     path = Path(workdir) / CONFIG_JSON
@@ -275,5 +317,5 @@ def load_saved_config(workdir: str | os.PathLike) -> ConfigDict:
 
 __all__ = [
     "base_config", "load_config", "apply_overrides", "parse_override_args", "config_to_dict",
-    "config_from_dict", "save_config", "load_saved_config",
+    "config_from_dict", "save_config", "load_saved_config", "config_changes", "record_config",
 ]

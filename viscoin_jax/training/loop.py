@@ -27,13 +27,31 @@ from jax.sharding import Mesh
 
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
-from .config import config_to_dict, save_config
-from .monitor import (Progress, check_finite, create_default_writer, mean_metrics, to_host,
-                      write_image_grid)
+from .config import config_to_dict, record_config
+from .monitor import (DivergenceWatch, Progress, check_finite, create_default_writer,
+                      mean_metrics, to_host, write_image_grid)
+from .workdir_lock import WorkdirLock
 
 log = logging.getLogger("viscoin_jax.train")
 
 PyTree = Any
+
+# The exit status of a run stopped by SIGTERM / a preemption notice after saving its checkpoint:
+# sysexits' EX_TEMPFAIL ("try again later"). Running the same command again resumes the run.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(RuntimeError):
+    """Training stopped early on a preemption notice; its checkpoint is saved but the run is not
+    finished, so nothing that needs the trained model (final evaluation, DONE markers) may run."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int, num_steps: int, workdir: str | Path | None = None):
+        where = f" in {workdir}" if workdir is not None else ""
+        super().__init__(f"preempted at step {step} of {num_steps}; checkpoint saved{where}; run "
+                         f"the same command again to resume (exit status {EXIT_PREEMPTED})")
+        self.step, self.num_steps = step, num_steps
 
 
 class Task:
@@ -120,6 +138,15 @@ class TrainResult:
     train_metrics: dict[str, float]  # means over the last logging window
     eval_metrics: dict[str, float]  # the last evaluation ({} if none ran)
     preempted: bool  # stopped early by SIGTERM / a preemption notice (after saving)
+    num_steps: int = 0  # config.train.num_steps
+    workdir: str | None = None
+
+    def raise_if_preempted(self) -> "TrainResult":
+        """Raises `Preempted` for a run that stopped early; trainers call this before their final
+        evaluation, which must not run on a half-trained model."""
+        if self.preempted:
+            raise Preempted(self.step, self.num_steps, self.workdir)
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,34 +308,68 @@ def evaluate(task: Task, compiled: Compiled, state: PyTree) -> dict[str, float]:
     return {**{f"eval/{k}": v for k, v in mean_metrics(to_host(history)).items()}, **host}
 
 
+def check_run(task: Task, config: Any, mesh: Mesh) -> None:
+    """Fails with a ValueError naming the problem, before anything is compiled or written, on
+    what would otherwise fail late: no steps to run, a training or evaluation batch that does not
+    split over the mesh (the evaluation one would only fail after training), and evaluation data
+    that is missing or empty (the first batch is read here)."""
+    num_steps = config.train.num_steps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"config.train.num_steps must be an int >= 1, got {num_steps!r}")
+    mesh_lib.local_batch_size(config.train.batch_size, mesh)
+    eval_cfg = config.get("eval", None)
+    if eval_cfg is not None and eval_cfg.get("batch_size", None) is not None:
+        try:
+            mesh_lib.local_batch_size(int(eval_cfg.batch_size), mesh)
+        except ValueError as e:
+            raise ValueError(f"config.eval.batch_size: {e}") from None
+    batches = task.make_eval_iterator()
+    if batches is not None:
+        if next(iter(batches), None) is None:
+            raise ValueError("the evaluation data yields no batches (fewer examples than "
+                             "config.eval.batch_size?)")
+
+
 def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | None = None
                  ) -> TrainResult:
     """Trains `task` to `config.train.num_steps`, resuming from the latest checkpoint in `workdir`.
 
-    Writes into `workdir`: `config.json`, TensorBoard events, `checkpoints/<step>/`, and image
-    grids under `images/`. Raises `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
+    Writes into `workdir`: `config.json` (kept as it was when a run resumes), TensorBoard events,
+    `checkpoints/<step>/`, and image grids under `images/`, holding `workdir/LOCK` meanwhile
+    (`WorkdirLockedError` when another live process trains there). Raises
+    `monitor.NonFiniteLossError` when a metric becomes NaN/Inf.
     """
     workdir = Path(workdir)
-    train_cfg = config.train
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-    mesh_lib.local_batch_size(train_cfg.batch_size, mesh)  # fails early on an uneven batch
+    check_run(task, config, mesh)  # user errors fail here, before anything is compiled or written
     is_main = jax.process_index() == 0
-    if is_main:
-        save_config(config, workdir)
+    # One writer per workdir (process 0 speaks for a multi-process run); taken before any write.
+    lock = WorkdirLock(workdir).acquire() if is_main else None
+    try:
+        return _run_locked(task, config, workdir, mesh, is_main)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(task, config, workdir: Path, mesh: Mesh, is_main: bool) -> TrainResult:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
              jax.process_count())
-
     compiled = compile_task(task, mesh)
-    writer = create_default_writer(workdir)
     checkpointer = Checkpointer.from_config(config, workdir)
+    writer = None
     try:
-        latest = checkpointer.latest_step()
-        if latest is None:
+        if is_main:  # a resumed run keeps its config.json and logs what changed
+            record_config(config, workdir, resuming=checkpointer.latest_step() is not None)
+        writer = create_default_writer(workdir)
+        # the newest checkpoint that verifies; damaged newer ones are set aside with a warning
+        restored = checkpointer.restore_latest_valid(compiled.abstract_state)
+        latest = restored.step if restored is not None else None
+        if restored is None:
             state = compiled.init(jax.random.key_data(jax.random.key(config.seed)))
             data_state = None
             writer.write_hparams(_flatten(config_to_dict(config)))
         else:
-            restored = checkpointer.restore(compiled.abstract_state, latest)
             state, data_state = restored.state, restored.data_state
             log.info("resumed from %s", checkpointer.step_dir(latest))
         iterator = task.make_train_iterator(data_state)
@@ -318,7 +379,8 @@ def run_training(task: Task, config: Any, workdir: str | Path, *, mesh: Mesh | N
                       last_checkpoint=latest, is_main=is_main)
     finally:
         checkpointer.close()  # waits for asynchronous saves: the last good checkpoint is on disk
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 def _train(task, config, workdir, compiled, state, iterator, checkpointer, writer, *,
@@ -335,6 +397,7 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     preempted = False
+    divergence = DivergenceWatch()  # warns when a loss leaves its running range
 
     with preemption_flag() as sigterm:
         while step < num_steps:
@@ -356,6 +419,8 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 host = to_host(unchecked)
                 unchecked = []
                 check_finite(host, last_checkpoint)  # before anything is saved
+                for message in divergence(host):  # logged; also kept with the metrics
+                    writer.write_texts(step, {"warnings/divergence": message})
                 window.extend(host)
             if window and (_every(step, train_cfg.log_every) or last or preempted):
                 train_metrics = mean_metrics(window)
@@ -383,7 +448,8 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 break
     writer.flush()
     return TrainResult(state=state, step=step, train_metrics=train_metrics,
-                       eval_metrics=eval_metrics, preempted=preempted and step < num_steps)
+                       eval_metrics=eval_metrics, preempted=preempted and step < num_steps,
+                       num_steps=num_steps, workdir=str(workdir))
 
 
 def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
@@ -404,11 +470,13 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
     abstract = compile_task(task, mesh).abstract_state
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_SUBDIR, read_only=True)
     try:
+        if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
+            step = checkpointer.latest_verified_step()
         restored = checkpointer.restore(abstract, step, restore_data=False)
     finally:
         checkpointer.close()
     return config, task, restored
 
 
-__all__ = ["Task", "TrainResult", "Compiled", "compile_task", "abstract_global_batch",
-           "preemption_flag", "evaluate", "run_training", "load_trained"]
+__all__ = ["Task", "TrainResult", "Preempted", "EXIT_PREEMPTED", "Compiled", "compile_task", "abstract_global_batch",
+           "preemption_flag", "evaluate", "check_run", "run_training", "load_trained"]

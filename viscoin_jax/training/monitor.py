@@ -1,4 +1,5 @@
-"""Watching a run: metric writers (console + TensorBoard), progress/ETA, image grids, NaN guard.
+"""Watching a run: metric writers (console + TensorBoard), progress/ETA, image grids, NaN guard,
+divergence warning.
 
 The writer follows clu's `MetricWriter` interface (`write_scalars`, `write_images`, ...), but clu's
 own writers import TensorFlow at import time and this project does not install TensorFlow, so the
@@ -374,6 +375,55 @@ def check_finite(history: Sequence[tuple[int, Mapping[str, Any]]],
                                      f"stopped without saving this state ({where})")
 
 
+def is_loss_metric(name: str) -> bool:
+    """The metrics a divergence watch follows: `loss`, `*_loss`, `*/loss`."""
+    return name == "loss" or name.endswith("_loss") or name.endswith("/loss")
+
+
+class DivergenceWatch:
+    """Warns when a loss leaves the range it has kept so far by orders of magnitude.
+
+    The range of each loss metric is the largest magnitude it has had since the run (or the
+    resumed run) started; a value above `10**orders` times that is reported once, with the step,
+    and the watch re-arms when the loss comes back into range. Losses that fall and rise again
+    within their range (a GAN's oscillations) say nothing; a learning rate of 1e6 does.
+    """
+
+    def __init__(self, orders: float = 2.0):
+        self.factor = 10.0 ** float(orders)
+        self.largest: dict[str, tuple[float, int]] = {}  # name -> (largest |value|, its step)
+        self.warned: set[str] = set()
+
+    def __call__(self, history: Sequence[tuple[int, Mapping[str, Any]]]) -> list[str]:
+        """Checks [(step, host metrics)]; returns (and logs) the warnings it gave."""
+        out = []
+        for step, metrics in history:
+            for name, value in metrics.items():
+                if not is_loss_metric(name):
+                    continue
+                magnitude = float(np.max(np.abs(np.asarray(value, np.float64))))
+                if not math.isfinite(magnitude):
+                    continue  # check_finite reports these
+                largest = self.largest.get(name)
+                if largest is None or largest[0] == 0.0:
+                    self.largest[name] = (magnitude, step)
+                    continue
+                if magnitude > self.factor * largest[0]:
+                    if name not in self.warned:
+                        self.warned.add(name)
+                        message = (f"{name} is {magnitude:.3g} at step {step}, "
+                                   f"{magnitude / largest[0]:.3g} x its largest value so far "
+                                   f"({largest[0]:.3g} at step {largest[1]}): the run is diverging "
+                                   "(learning rate too high?)")
+                        log.warning("%s", message)
+                        out.append(message)
+                    continue  # the range keeps its scale while the loss is out of it
+                self.warned.discard(name)
+                if magnitude > largest[0]:
+                    self.largest[name] = (magnitude, step)
+        return out
+
+
 def mean_metrics(history: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
     """Averages each metric over the steps of a logging window."""
     keys = {k for _, m in history for k in m}
@@ -385,4 +435,5 @@ __all__ = [
     "NonFiniteLossError", "EventFileWriter", "MetricWriter", "crc32c", "create_default_writer",
     "Progress", "format_duration",
     "image_grid", "save_png", "write_image_grid", "check_finite", "mean_metrics", "to_host",
+    "DivergenceWatch", "is_loss_metric",
 ]

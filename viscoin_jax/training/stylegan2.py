@@ -388,7 +388,7 @@ def compute_fid(task: StyleGAN2Task, state, config: Any | None = None, extractor
 def train(config: Any, workdir: str):
     """run_training, then (config.fid.num_samples > 0) the FID of G_ema, written to fid.json."""
     task = make_task(config)
-    result = run_training(task, config, workdir)
+    result = run_training(task, config, workdir).raise_if_preempted()
     metrics = {}
     if int(config.fid.num_samples) > 0:
         state = jax.device_get(result.state["task"])

@@ -141,4 +141,4 @@ def make_task(config: Any) -> ToyTask:
 
 
 def train(config: Any, workdir: str):
-    return run_training(make_task(config), config, workdir)
+    return run_training(make_task(config), config, workdir).raise_if_preempted()

@@ -4,8 +4,12 @@
 
 The config's `trainer` field picks the trainer module (see TRAINERS); each exposes
 `make_task(config)` and `train(config, workdir)`. Running the same command again resumes from the
-latest checkpoint in DIR. Multi-process launches (TPU pods, SLURM) are detected from the
-environment and initialise `jax.distributed` before anything else touches the devices.
+latest checkpoint in DIR; a run stopped by SIGTERM or a preemption notice saves a checkpoint,
+skips its final evaluation and exits with status 75 (EXIT_PREEMPTED, sysexits' EX_TEMPFAIL) so
+that a scheduler requeues it. Problems of the inputs (config, data, paths, a workdir in use) end
+with one line on stderr and exit status 2 (`--log-level DEBUG` logs the traceback). Multi-process
+launches (TPU pods, SLURM) are detected from the environment and initialise `jax.distributed`
+before anything else touches the devices.
 """
 
 from __future__ import annotations
@@ -38,6 +42,23 @@ def trainer_module(name: str):
         raise
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a run raises for a problem of its inputs (config, data, paths, a busy workdir): the
+    command line reports these in one line with exit status 2 instead of a traceback."""
+    from .workdir_lock import WorkdirLockedError
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            WorkdirLockedError)
+
+
+def report_user_error(prog: str, error: BaseException) -> int:
+    """Prints `prog: error: <first line>` to stderr (the traceback at DEBUG level); returns 2."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    logging.getLogger(__name__).debug("%s failed", prog, exc_info=error)
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    return 2
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model from a config file",
                               description=__doc__,
@@ -57,8 +78,6 @@ def main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":  # Orbax logs every file operation at INFO through absl
         logging.getLogger("absl").setLevel(logging.WARNING)
-    if args.log_level != "DEBUG":  # Orbax logs every file operation at INFO through absl
-        logging.getLogger("absl").setLevel(logging.WARNING)
     overrides = list(getattr(args, "unknown", []) or [])
     try:
         parse_override_args(overrides)  # rejects anything that is not --config.KEY=VALUE
@@ -74,6 +93,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     from .distributed import maybe_initialize_distributed
+    from .loop import Preempted
     maybe_initialize_distributed()  # before anything touches the devices
-    trainer_module(config.trainer).train(config, args.workdir)
+    try:
+        trainer_module(config.trainer).train(config, args.workdir)
+    except Preempted as e:  # the checkpoint is saved; the same command resumes
+        print(f"viscoin-jax train: {e}", file=sys.stderr)
+        return e.exit_code
+    except user_errors() as e:
+        return report_user_error("viscoin-jax train", e)
     return 0

@@ -369,7 +369,7 @@ def final_evaluation(task: VisCoINTask, state, max_batches: int | None = None) -
 def train(config: Any, workdir: str):
     """run_training, then `final_evaluation` written to workdir/viscoin_eval.json."""
     task = make_task(config)
-    result = run_training(task, config, workdir)
+    result = run_training(task, config, workdir).raise_if_preempted()
     metrics = final_evaluation(task, jax.device_get(result.state["task"]))
     metrics["step"] = result.step
     log.info("final evaluation: %s", metrics)
