@@ -62,7 +62,7 @@ def _ff_numpy(images, tau, score):
     c = logits.argmax(1)
     alpha = m * HEAD_W[:, c].T
     r = alpha / np.abs(alpha).max(1, keepdims=True)
-    removed = (m * (r <= tau)) @ HEAD_W + HEAD_B
+    removed = (m * (r < tau)) @ HEAD_W + HEAD_B
 
     def s(z):
         if score == "logit":
@@ -94,6 +94,27 @@ def test_faithfulness_on_an_invertible_toy_pipeline(score):
     # The per-batch function is jit-able on its own.
     one = jax.jit(lambda x: faithfulness_batch(x, taus=taus, score=score, **FNS))(images[:6])
     np.testing.assert_allclose(np.asarray(one), ref[:, :6], rtol=1e-4, atol=1e-5)
+
+
+def test_faithfulness_at_tau_one_removes_exactly_the_top_concept():
+    """The boundary: where the top concept's relevance is exactly 1 (its alpha is the largest |alpha|),
+    tau = 1 removes it and nothing else; where a negative alpha is larger in size, nothing is removed."""
+    images = _images(16, 3)
+    out = faithfulness([images], taus=(1.0,), score="logit", **FNS)
+    m = np.maximum(space_to_depth(images.astype(np.float64)), 0).max(axis=(1, 2))
+    m[:, DEAD] = 0
+    logits = m @ HEAD_W + HEAD_B
+    c = logits.argmax(1)
+    rows = np.arange(len(c))
+    alpha = m * HEAD_W[:, c].T
+    top = np.argmax(alpha, axis=1)
+    has_unit = alpha[rows, top] >= np.abs(alpha).max(axis=1)
+    assert has_unit.sum() > 0
+    removed = m.copy()
+    removed[rows[has_unit], top[has_unit]] = 0  # by hand: only the top concept zeroed, where r = 1
+    expected = logits[rows, c] - (removed @ HEAD_W + HEAD_B)[rows, c]
+    np.testing.assert_allclose(out.per_image[0], expected, rtol=1e-4, atol=1e-5)
+    assert np.all(out.per_image[0][has_unit] > 0) and np.all(out.per_image[0][~has_unit] == 0)
 
 
 def test_faithfulness_bad_inputs():

@@ -150,7 +150,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
                                           head_fn=fns.head_fn, head_weight=fns.head_weight,
                                           translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn)
         report.add_table([[f"{t:g}", m] for t, m in zip(ff.taus, ff.median)], ["tau", "median FF"],
-                         title="Faithfulness FF (g's class probability lost when concepts with r > tau are removed)")
+                         title="Faithfulness FF (g's class probability lost when concepts with r >= tau are removed)")
         summary.update({f"FF median (tau {t:g})": float(m) for t, m in zip(ff.taus, ff.median)})
         save_arrays(out, "faithfulness", taus=ff.taus, per_image=ff.per_image, median=ff.median)
         log.info("faithfulness: %.1fs", time.perf_counter() - t0)

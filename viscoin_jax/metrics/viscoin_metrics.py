@@ -1,10 +1,12 @@
 """VisCoIN's concept metrics (Parekh et al. 2025, sec. 4): faithfulness and consistency.
 
 Faithfulness FF_x = g(x~)_c - g(x_rem)_c: x~ is the reconstruction from the concepts of x, x_rem
-the reconstruction after zeroing every concept with relevance r_k > tau (for g's predicted class c),
+the reconstruction after zeroing every concept with relevance r_k >= tau (for g's predicted class c),
 and g is the whole VisCoIN pipeline (concept extractor + interpretable head) re-run on the decoded
 image. A faithful concept set loses the class when its relevant concepts are removed. Reported as
-the median over the test set for tau in {0.1, 0.2, 0.4}.
+the median over the test set for tau in {0.1, 0.2, 0.4}. The boundary is inclusive so that tau = 1
+still removes the top concept (its relevance is exactly 1); the paper's "r_k > tau" differs from
+this only on a set of measure zero for tau < 1.
 
 Consistency CC_k: does concept k change the image in the same way everywhere? For each image,
 x+ decodes phi with phi_k scaled by lambda and x- with phi_k = 0; a linear SVM on the classifier's
@@ -66,7 +68,7 @@ def faithfulness_batch(
 ) -> jax.Array:
     """FF [T, N] for one batch and every tau (pure and jit-able).
 
-    c is g's prediction on x; relevances are for c. `score` picks what g(.)_c is: "prob" (softmax
+    c is g's prediction on x; relevances are for c; concepts with r_k >= tau are removed. `score` picks what g(.)_c is: "prob" (softmax
     probability, default), "logit" or "log_prob".
     """
     images = check_images(images)
@@ -83,7 +85,7 @@ def faithfulness_batch(
     base = class_score(g(reconstruction), classes, score)
 
     def removed(tau):
-        keep = (relevance <= tau).astype(phi.dtype)
+        keep = (relevance < tau).astype(phi.dtype)  # removed: r >= tau
         x_rem = decode_concepts(translator_fn, synthesis_fn, phi * keep[:, None, None, :], phi_prime)
         return base - class_score(g(x_rem), classes, score)
 
