@@ -8,7 +8,8 @@
 f: a ResNet-50 fine-tuned on CUB (`classifier` trainer); G: StyleGAN2-ADA at 256 px (`stylegan2`
 trainer, configs/stylegan2_cub.py). K = 256 concepts on a 3x3 grid, 512-channel branches; each
 step sees 8 real images (random crop + flip) and 8 samples of G; Adam lr 1e-4 for 100k
-iterations; loss weights alpha .5, beta 3 (LPIPS), gamma .1, delta .2, orthogonality 1,
+iterations; loss weights alpha .5, beta 3 (LPIPS), gamma .1, delta .2, orthogonality 1 (the official
+code's form (sum |W_n W_n^T| - K) / K^2 on the row-normalised conv1x1 weights, see viscoin_losses),
 ||w - w_avg||^2 1. Give LPIPS weights: without them the perceptual term is a labelled stand-in
 and the run does not reproduce the paper.
 """
