@@ -213,8 +213,9 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
                   feature_fn=feature_maps)
     train = [_images(16, 7), {"image": _images(16, 8)}]
     test = [_images(16, 9)]
-    # One-shot iterators, every concept (the count is read from the first batch, which is not lost).
-    out = consistency(iter(train), iter(test), **common)
+    # One-shot iterators, every concept (the count is read from the first batch, which is not lost);
+    # every image's pair, active concept or not.
+    out = consistency(iter(train), iter(test), min_activation=None, **common)
     np.testing.assert_array_equal(out.concept_ids, np.arange(K))
     live = np.arange(K) != DEAD
     # x+ and x- differ only in pooled feature k, by >= 4 * 0.5: separable with a margin (a soft-margin
@@ -223,12 +224,13 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
     assert out.accuracy[DEAD] == 0.5  # x+ == x-: any linear rule gets exactly one of each pair right
     np.testing.assert_allclose(out.mean, out.accuracy.mean())
     np.testing.assert_allclose(out.std, out.accuracy.std())
-    # Only pairs whose concept is active: the dead concept has none and is left out of the summary.
-    active = consistency(train, test, min_activation=0.0, **common)
-    assert np.isnan(active.accuracy[DEAD])
+    # By default only pairs whose concept is active: the dead concept has none and is left out.
+    active = consistency(train, test, **common)
+    assert np.isnan(active.accuracy[DEAD]) and active.test_pairs[DEAD] == 0
+    np.testing.assert_array_equal(active.test_pairs[live], 16)
     np.testing.assert_allclose(active.mean, np.mean(active.accuracy[live]))
     # Several passes over the data (six concepts at a time) give the same numbers.
-    chunked = consistency(train, test, concept_ids=np.arange(K), concepts_per_pass=6, **common)
+    chunked = consistency(train, test, concept_ids=np.arange(K), concepts_per_pass=6, min_activation=None, **common)
     np.testing.assert_allclose(chunked.accuracy, out.accuracy)
     with pytest.raises(ValueError, match="re-iterable"):
         consistency(iter(train), test, concepts_per_pass=2, **common)
@@ -238,6 +240,33 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
         consistency(train, [], concept_ids=np.arange(K), **common)
     with pytest.raises(ValueError, match="concept_ids must be"):
         consistency(train, test, concept_ids=np.array([[1]]), **common)
+
+
+def gated_concepts_fn(images):
+    """Odd concepts fire only on images whose first pixel is positive (about half), even ones always;
+    where they fire, >= 0.5 everywhere (x+ and x- differ by a margin)."""
+    live = (jnp.maximum(space_to_depth(images), 0.0) + 0.5) * (jnp.arange(K) != DEAD)
+    gate = jnp.where(jnp.arange(K) % 2 == 1, (images[:, 0, 0, 0] > 0)[:, None], True)
+    return live * gate[:, None, None, :], jnp.zeros((images.shape[0], 9 * K))
+
+
+def test_consistency_counts_only_pairs_where_the_concept_is_active():
+    """By hand: active pairs are perfectly separable, so CC = 1 on them; counting every image instead
+    gives 1 for each active pair and exactly 1/2 for each inactive one (x+ == x-)."""
+    common = dict(concepts_fn=gated_concepts_fn, translator_fn=translator_fn, synthesis_fn=synthesis_fn,
+                  feature_fn=feature_maps)
+    train, test = [_images(40, 11)], [_images(33, 12)]
+    gate_test = test[0][:, 0, 0, 0] > 0
+    assert 0.2 < gate_test.mean() < 0.8
+    odd = np.arange(1, K, 2)
+    odd = odd[odd != DEAD]
+    out = consistency(train, test, concept_ids=odd, **common)
+    np.testing.assert_array_equal(out.test_pairs, gate_test.sum())
+    np.testing.assert_allclose(out.accuracy, 1.0)
+    every = consistency(train, test, concept_ids=odd, min_activation=None, **common)
+    np.testing.assert_array_equal(every.test_pairs, len(gate_test))
+    np.testing.assert_allclose(every.accuracy, (2 * gate_test.sum() + (~gate_test).sum()) / (2 * len(gate_test)),
+                               atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,3 +336,4 @@ def test_factor_changes_by_hand():
     out = factor_change_analysis(measure, x, cf, causal=["bright"])
     np.testing.assert_array_equal(out.changed["left"], [False, True])
     assert out.causal_only == 0.5
+

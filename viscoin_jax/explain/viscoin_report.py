@@ -6,7 +6,8 @@ For a trained VisCoIN (frozen f and G, trained extractor Psi, head Theta, transl
 - per class: the mean relevance over training images the head assigns to that class;
 - per concept: the training images that activate it most;
 - faithfulness FF (median per tau) on the given images and consistency CC_k (SVM trained on pairs
-  from training images, tested on pairs from the given images).
+  from training images, tested on pairs from >= 128 held-out images of the run's test split, not
+  only the few explained ones; pairs only where the concept is active).
 
 On the embedded synthetic data, the measured factors of each image's top concept drawn at lambda 1
 vs 0 say whether removing the concept changes the causal factor or a nuisance factor.
@@ -41,6 +42,7 @@ class ConceptSettings:
     top_images: int = 6  # top-activating training images shown per concept
     max_images_drawn: int = 8  # images whose concepts are drawn in the report
     cc_amplification: float = 4.0
+    cc_test_images: int = 128  # held-out images (the run's test split) CC is tested on
 
 
 def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -157,17 +159,21 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
 
     if "consistency" in methods:
         t0 = time.perf_counter()
-        cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(np.asarray(images), 64),
+        test_x, _ = training_images(task.config, settings.cc_test_images, split="test")
+        cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(test_x, 64),
                                          concepts_fn=fns.concepts_fn, translator_fn=fns.translator_fn,
                                          synthesis_fn=fns.synthesis_fn, feature_fn=fns.features_fn,
                                          amplification=settings.cc_amplification)
-        report.add_table([[int(c), a, t] for c, a, t in zip(cc.concept_ids, cc.accuracy, cc.train_accuracy)],
-                         ["concept", "test accuracy", "train accuracy"],
+        report.add_table([[int(c), a, t, int(p)] for c, a, t, p in zip(cc.concept_ids, cc.accuracy,
+                                                                        cc.train_accuracy, cc.test_pairs)],
+                         ["concept", "test accuracy", "train accuracy", "test pairs (concept active)"],
                          title=f"Consistency CC_k: linear SVM on f's stage-2 features, x+ (phi_k x "
-                               f"{settings.cc_amplification:g}) vs x- (phi_k = 0)")
+                               f"{settings.cc_amplification:g}) vs x- (phi_k = 0), on {len(test_x)} held-out "
+                               "images, pairs only where phi_k > 0")
         summary["CC mean"], summary["CC std"] = cc.mean, cc.std
+        summary["CC held-out images"] = len(test_x)
         save_arrays(out, "consistency", concept_ids=cc.concept_ids, accuracy=cc.accuracy,
-                    train_accuracy=cc.train_accuracy)
+                    train_accuracy=cc.train_accuracy, test_pairs=cc.test_pairs)
         log.info("consistency: %.1fs", time.perf_counter() - t0)
     return summary
 
