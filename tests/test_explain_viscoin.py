@@ -79,8 +79,13 @@ def test_metrics_and_arrays_are_consistent(viscoin_report):
         assert a["layer_attributions"].shape[0] == 3
         assert np.all(np.isfinite(a["completeness_gap"]))
     for key in ("latent counterfactuals changing a causal factor", "top concepts whose removal changes a causal factor",
-                "g fidelity to f (these images)"):
+                "g fidelity to f (these images)", "top concepts removed: blob removed",
+                "top concepts removed: colour ambiguous", "latent counterfactuals: blob removed"):
         assert 0.0 <= metrics[key] <= 1.0
+    # outcomes of their own: a removal is counted under at most one of them or as a change
+    outcomes = sum(metrics[f"top concepts removed: {o}"] for o in ("no blob in the input", "blob removed",
+                                                                    "colour ambiguous"))
+    assert outcomes + metrics["top concepts whose removal changes a causal factor"] <= 1.0 + 1e-9
     html = (viscoin_report / "report.html").read_text()
     for heading in ("VisCoIN reconstructions", "Class-level concept relevance", "training images that activate",
                     "Faithfulness FF", "Consistency CC_k", "Projections into W+", "interpolation to its counterfactual"):

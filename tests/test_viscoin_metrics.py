@@ -337,3 +337,61 @@ def test_factor_changes_by_hand():
     np.testing.assert_array_equal(out.changed["left"], [False, True])
     assert out.causal_only == 0.5
 
+
+def test_blob_removed_and_colour_ambiguous_are_outcomes_of_their_own():
+    """By hand: 5 edits - a clean colour flip, an erased blob (colour reads -1), a flip to an in-between
+    colour, a nuisance change, and an input without a blob. Only the first is a causal change."""
+    nan = np.nan
+    before = {"colour": np.array([0, 0, 1, 0, -1]), "size": np.array([0.2, 0.2, 0.2, 0.2, nan]),
+              "found": np.array([True, True, True, True, False]),
+              "colour_score": np.array([0.3, 0.3, -0.4, 0.3, nan])}
+    after = {"colour": np.array([1, -1, 0, 0, 1]), "size": np.array([0.2, nan, 0.2, 0.3, 0.2]),
+             "found": np.array([True, False, True, True, True]),
+             "colour_score": np.array([-0.4, nan, 0.05, 0.3, -0.4])}
+    from viscoin_jax.data.synthetic import measurement_outcomes
+
+    outcomes = measurement_outcomes(before, after)
+    np.testing.assert_array_equal(outcomes["no blob in the input"], [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(outcomes["blob removed"], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(outcomes["colour ambiguous"], [0, 0, 1, 0, 0])
+    out = factor_changes(before, after, causal=["colour"], nuisance=["size"], tolerance={"size": 0.02},
+                         outcomes=outcomes)
+    np.testing.assert_array_equal(out.changed["colour"], [True, False, False, False, False])
+    np.testing.assert_array_equal(out.changed["size"], [False, False, False, True, False])
+    assert out.any_causal == pytest.approx(0.2) and out.causal_only == pytest.approx(0.2)
+    assert out.any_nuisance == pytest.approx(0.2)
+    assert out.outcome_rate == pytest.approx({"no blob in the input": 0.2, "blob removed": 0.2, "colour ambiguous": 0.2})
+    # without the outcomes the erased blob, the in-between flip and the blank input all read as colour changes
+    naive = factor_changes(before, after, causal=["colour"], nuisance=["size"], tolerance={"size": 0.02})
+    assert naive.any_causal == pytest.approx(0.8)
+    # precedence: a sample under two outcomes counts once, under the first
+    both = factor_changes(before, after, causal=["colour"], outcomes={"a": [1, 1, 0, 0, 0], "b": [0, 1, 1, 0, 0]})
+    assert both.outcome_rate == {"a": 0.4, "b": 0.2}
+    with pytest.raises(ValueError, match="outcome 'a' must be"):
+        factor_changes(before, after, causal=["colour"], outcomes={"a": [True]})
+
+
+def test_measurement_outcomes_read_pixels():
+    """Rendered blobs: one kept, one erased (background only), one painted in the mean of the two stains."""
+    from viscoin_jax.data.synthetic import BACKGROUND_RGB, STAIN_RGB, measure_factors, measurement_outcomes
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    disc = (yy - 15.5) ** 2 + (xx - 13.5) ** 2 < 36
+    images = np.broadcast_to(np.asarray(BACKGROUND_RGB, np.float64), (3, 32, 32, 3)).copy()
+    images[0][disc] = STAIN_RGB[0]
+    edits = images.copy()
+    edits[0][disc] = STAIN_RGB[1]  # a clean flip
+    edits[1] = images[1]
+    images[1][disc] = STAIN_RGB[1]  # the edit erases it
+    images[2][disc] = STAIN_RGB[1]
+    edits[2][disc] = 0.5 * (STAIN_RGB[0] + STAIN_RGB[1])  # in between
+    before, after = measure_factors(images.astype(np.uint8)), measure_factors(edits.astype(np.uint8))
+    outcomes = measurement_outcomes(before, after)
+    np.testing.assert_array_equal(outcomes["blob removed"], [False, True, False])
+    np.testing.assert_array_equal(outcomes["colour ambiguous"], [False, False, True])
+    np.testing.assert_array_equal(outcomes["no blob in the input"], [False, False, False])
+    to_unit = lambda a: (a.astype(np.uint8).astype(np.float32) / 127.5 - 1.0)  # noqa: E731
+    out = factor_change_analysis(measure_factors, to_unit(images), to_unit(edits),
+                                 causal=["colour"], nuisance=["size"], tolerance={"size": 0.02},
+                                 outcomes_fn=measurement_outcomes)
+    np.testing.assert_array_equal(out.changed["colour"], [True, False, False])

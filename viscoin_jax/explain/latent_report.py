@@ -224,15 +224,18 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary["latent counterfactual L1 to the projection"] = float(np.mean(proximity["l1"]))
     summary["latent counterfactual shift (w_std units, mean)"] = float(np.mean(ts[cf_at]) / float(w_std))
     if variant is not None:
-        from ..data.synthetic import measure_factors, measured_factor_roles
+        from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 
         causal, nuisance, tolerance = measured_factor_roles(variant)
         summary["projections with a measurable blob"] = float(np.mean(measure_factors(np.asarray(proj.images))["found"]))
         changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,
-                                             nuisance=nuisance, tolerance=tolerance)
+                                             nuisance=nuisance, tolerance=tolerance,
+                                             outcomes_fn=measurement_outcomes)
         summary["latent counterfactuals changing a causal factor"] = changes.any_causal
         summary["latent counterfactuals changing a nuisance factor"] = changes.any_nuisance
         summary["latent counterfactuals changing only causal factors"] = changes.causal_only
+        for outcome, rate in changes.outcome_rate.items():  # not counted as changes
+            summary[f"latent counterfactuals: {outcome}"] = rate
         report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
                          title=f"Factors changed by the latent counterfactuals (causal: {', '.join(causal)})")
     log.info("latent directions: %.1fs", time.perf_counter() - t0)

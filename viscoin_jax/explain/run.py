@@ -218,15 +218,18 @@ def _iresnet_counterfactuals(task, state, data, report, out: Path, variant: str 
                "i-ResNet inverse converged": float(np.mean(np.asarray(result.converged))),
                "i-ResNet counterfactual L1": float(np.mean(np.asarray(proximity(images, cfs)["l1"])))}
     if variant is not None:  # which generative factors the counterfactuals changed (measured on the images)
-        from ..data.synthetic import measure_factors, measured_factor_roles
+        from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
         from ..metrics.counterfactual_metrics import factor_change_analysis
 
         causal, nuisance, tolerance = measured_factor_roles(variant)
         changes = factor_change_analysis(measure_factors, images, cfs, causal=causal, nuisance=nuisance,
-                                         tolerance=tolerance)
+                                         tolerance=tolerance,
+                                         outcomes_fn=measurement_outcomes)
         metrics["i-ResNet counterfactuals changing a causal factor"] = changes.any_causal
         metrics["i-ResNet counterfactuals changing a nuisance factor"] = changes.any_nuisance
         metrics["i-ResNet counterfactuals changing only causal factors"] = changes.causal_only
+        for outcome, rate in changes.outcome_rate.items():  # not counted as changes
+            metrics[f"i-ResNet counterfactuals: {outcome}"] = rate
         report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
                          title=f"Factors changed by the i-ResNet counterfactuals (causal: {', '.join(causal)})")
     return metrics

@@ -130,16 +130,19 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
-            from ..data.synthetic import measure_factors, measured_factor_roles
+            from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 
             causal, nuisance, tolerance = measured_factor_roles(variant)
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             changes = cfm.factor_change_analysis(
                 measure_factors, drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)],
-                causal=causal, nuisance=nuisance, tolerance=tolerance)
+                causal=causal, nuisance=nuisance, tolerance=tolerance,
+                outcomes_fn=measurement_outcomes)
             summary["top concepts whose removal changes a causal factor"] = changes.any_causal
             summary["top concepts whose removal changes a nuisance factor"] = changes.any_nuisance
             summary["top concepts changing only causal factors"] = changes.causal_only
+            for outcome, rate in changes.outcome_rate.items():  # not counted as changes
+                summary[f"top concepts removed: {outcome}"] = rate
             report.add_table([[k_, v] for k_, v in changes.change_rate.items()], ["factor", "fraction changed"],
                              title="Factors changed by removing each image's top concept (lambda 1 -> 0)")
             arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in causal]), axis=0)
