@@ -43,11 +43,26 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
     return summary
 
 
+def check_stages(config: Any) -> None:
+    """Checks what a late stage needs that an early one cannot give (the VisCoIN stage's LPIPS
+    weights, or the explicit permission to use the labelled fallback), before any training."""
+    from .training.viscoin import check_perceptual
+
+    for name in config.stage_order:
+        stage = config.stages.get(name)
+        if stage is not None and stage.get("trainer") == "viscoin":
+            try:
+                check_perceptual(stage)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"stage {name!r}: {e}".replace("config.loss.", f"config.stages.{name}.loss.")) from None
+
+
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
     from .training.config import save_config
 
     workdir = Path(workdir)
+    check_stages(config)  # a config that cannot finish fails before the first stage trains
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir)
     summary = {}
@@ -119,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         parse_override_args(overrides)
         config = load_config(args.config, overrides)
+        check_stages(config)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2
