@@ -148,8 +148,10 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     if settings.coverage_samples > 0:
         sample_z, samples, sample_logits = generated_samples(models, jax.random.fold_in(rng, 1), settings.coverage_samples)
         sample_class = sample_logits.argmax(-1)
-        for c in range(sample_logits.shape[-1]):
-            summary[f"G samples f assigns to class {c}"] = float(np.mean(sample_class == c))
+        shares = [float(np.mean(sample_class == c)) for c in range(sample_logits.shape[-1])]
+        for c, share in enumerate(shares):
+            summary[f"G samples f assigns to class {c}"] = share
+        summary["G samples f assigns to the rarer class"] = min(shares)
         captions = [f"f: {c}" for c in sample_class[:16]]
         if variant is not None:
             from ..data.synthetic import colour_in_between, measure_factors
@@ -157,9 +159,9 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
             measured = measure_factors(samples)
             between = colour_in_between(measured["colour_score"])
             summary["G samples with a measurable blob"] = float(np.mean(measured["found"]))
-            if measured["found"].any():
-                summary["G samples whose blob colour is in between the stains"] = float(
-                    np.mean(between[measured["found"]]))
+            # of the samples with a measurable blob (NaN where G draws none)
+            summary["G samples whose blob colour is in between the stains"] = (
+                float(np.mean(between[measured["found"]])) if measured["found"].any() else float("nan"))
             captions = [f"{cap}{', colour in between' if b else ''}" for cap, b in zip(captions, between)]
         report.add_image_grid(f"What G draws: random samples (of {len(samples)}) and f's class", samples[:16],
                               captions, cols=8)
