@@ -55,7 +55,8 @@ HEADLINE = {
     "latent-direction counterfactual validity": ("viscoin", "latent counterfactual validity"),
     "latent-direction counterfactuals: only causal factors change": (
         "viscoin", "latent counterfactuals changing only causal factors"),
-    "i-ResNet counterfactuals changing a causal factor": ("iresnet", "i-ResNet counterfactuals changing a causal factor"),
+    "i-ResNet counterfactuals changing a causal factor": (
+        "iresnet", "i-ResNet counterfactuals changing a causal factor"),
     "i-ResNet counterfactual validity after re-encoding": ("iresnet", "i-ResNet counterfactual validity"),
     "best attribution deletion AUC": ("classifier", "best attribution deletion AUC"),
     "random attribution deletion AUC": ("classifier", "random attribution deletion AUC"),

@@ -168,8 +168,8 @@ def _sanity_check(task, state, images, pred, maps, report, out: Path, *, key: in
     """Adebayo et al.'s model-randomisation check: re-initialise f's layers from the top down (cascading,
     each leaf drawn from N(mean, std) of its trained values) and compare each method's map with the
     trained model's map by the Spearman rank correlation of |map|, per image (the first SANITY_IMAGES),
-    averaged. A method
-    whose maps survive the destruction of the weights (rho near 1) does not explain the model."""
+    averaged. A method whose maps survive the destruction of the weights (rho near 1) does not
+    explain the model."""
     from ..metrics.attribution_metrics import cascading_randomisations, spearman_correlation
     from .report import save_arrays
 
@@ -195,7 +195,8 @@ def _sanity_check(task, state, images, pred, maps, report, out: Path, *, key: in
                      title="Sanity check (Adebayo et al.): Spearman rank correlation of |map| with the trained "
                            "model's, as f's layers are randomised from the top (cumulative); near 1 = the map "
                            "ignores the weights")
-    save_arrays(out, "sanity_check", layers_top_down=np.asarray(top_down), **{f"spearman_{k}": v for k, v in rho.items()})
+    save_arrays(out, "sanity_check", layers_top_down=np.asarray(top_down),
+                **{f"spearman_{k}": v for k, v in rho.items()})
     summary = {}
     for name, r in rho.items():
         summary[f"sanity check {name}: Spearman, top layer randomised"] = float(np.nanmean(r[:, 0]))
@@ -258,7 +259,6 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
 
 def explain_classifier(task, state, data, methods, report, out: Path, *, key: int = 0,
                        variant: str | None = None) -> dict:
-    from ..metrics import attribution_metrics
     from . import attributions as attr
     from .report import save_arrays
 
