@@ -152,7 +152,8 @@ def render(data: dict[str, Any], workdir: str) -> str:
     parts += ["## Counterfactuals (held-out images)", "",
               _table(["method", "validity", "L1 to input / projection", "changed a causal factor",
                       "changed a nuisance factor", "causal only", "blob removed", "colour ambiguous"], [
-                  ["i-ResNet (class means, aimed at p >= 0.9, validity re-encoded)",
+                  [f"i-ResNet (class means, aimed at p >= {_fmt(im.get('i-ResNet counterfactual target confidence'))}"
+                   ", validity re-encoded)",
                    im.get("i-ResNet counterfactual validity"),
                    im.get("i-ResNet counterfactual L1"), im.get("i-ResNet counterfactuals changing a causal factor"),
                    im.get("i-ResNet counterfactuals changing a nuisance factor"),

@@ -206,8 +206,12 @@ def _sanity_check(task, state, images, pred, maps, report, out: Path, *, key: in
 
 DELETION_BASELINE = "image_median"
 # i-ResNet counterfactuals: the class-mean move goes on until the head gives the target this
-# probability (past the boundary), at most this many times the distance between the class means
-IRESNET_CONFIDENCE = 0.9
+# probability (past the boundary), at most this many times the distance between the class means.
+# Measured on the demo's i-ResNet (16 test images): at the boundary (p 0.5) 81 % stay valid after
+# re-encoding and none changes the stain colour; at p >= 0.9 all are valid but 69 % of the blobs
+# are in between the stains (the head is sure long before the colour is a stain's); p >= 0.99
+# changes the colour in 50 %, p >= 0.999 in 88 % (L1 0.18, re-encoding drift 2.6 % of |z|).
+IRESNET_CONFIDENCE = 0.999
 IRESNET_MAX_ALPHA = 8.0
 
 
