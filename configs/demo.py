@@ -80,8 +80,9 @@ def get_config(arg=None):
         enabled=True,
         images="synthetic/blob_binary:test:16",  # held-out images (the test split)
         count=4 if quick else 16,
-        classifier_methods=["gradient", "grad_cam"] if quick else
-        ["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion", "deletion_insertion"],
+        classifier_methods=["gradient", "grad_cam", "deletion_insertion"] if quick else
+        ["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion", "sanity_check",
+         "deletion_insertion"],
         iresnet_methods=["iresnet_counterfactual"] if quick else
         ["gradient", "integrated_gradients", "iresnet_counterfactual"],
         viscoin_methods=["concepts", "faithfulness", "latent_direction"] if quick else

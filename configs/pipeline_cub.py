@@ -10,7 +10,9 @@
 Stages as in configs/demo.py, each the full config of its trainer: classifier_cub.py (ResNet-50
 fine-tuned; i-ResNet from scratch), stylegan2_cub.py (paper256, 25,000 kimg) and viscoin_cub.py
 (K = 256 for CUB, 64 for NCT-CRC-HE, 100k iterations), then explanations of 64 test images.
-Set the data location for every stage with `--config.stages.<stage>.data.data_dir=...`.
+Set the data location for every stage with `--config.stages.<stage>.data.data_dir=...`. Without
+LPIPS weights the pipeline refuses to start (before the first stage) unless
+`--config.stages.viscoin.loss.allow_perceptual_fallback=True` accepts the labelled stand-in.
 """
 
 from pathlib import Path

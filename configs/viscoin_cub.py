@@ -8,9 +8,11 @@
 f: a ResNet-50 fine-tuned on CUB (`classifier` trainer); G: StyleGAN2-ADA at 256 px (`stylegan2`
 trainer, configs/stylegan2_cub.py). K = 256 concepts on a 3x3 grid, 512-channel branches; each
 step sees 8 real images (random crop + flip) and 8 samples of G; Adam lr 1e-4 for 100k
-iterations; loss weights alpha .5, beta 3 (LPIPS), gamma .1, delta .2, orthogonality 1,
-||w - w_avg||^2 1. Give LPIPS weights: without them the perceptual term is a labelled stand-in
-and the run does not reproduce the paper.
+iterations; loss weights alpha .5, beta 3 (LPIPS), gamma .1, delta .2, orthogonality 1 (the official
+code's form (sum |W_n W_n^T| - K) / K^2 on the row-normalised conv1x1 weights, see viscoin_losses),
+||w - w_avg||^2 1. Give LPIPS weights: without them the run refuses to start, unless
+`--config.loss.allow_perceptual_fallback=True` accepts the labelled stand-in (then the run does not
+reproduce the paper).
 """
 
 from ml_collections import ConfigDict
@@ -35,7 +37,9 @@ def get_config(arg=None):
                               dropout=0.01, init_scale=0.1))
     c.viscoin = ConfigDict(dict(num_generated=8, num_samples=16))
     c.loss = ConfigDict(dict(alpha=0.5, mse=1.0, l1=1.0, beta=3.0, gamma=0.1, delta=0.2, ortho=1.0, w_reg=1.0,
-                             lpips_weights=""))
+                             # without LPIPS weights the run refuses to start (the paper's beta term is
+                             # LPIPS); set allow_perceptual_fallback=True to train with the labelled stand-in
+                             lpips_weights="", allow_perceptual_fallback=False))
     c.optim = ConfigDict(dict(name="adam", learning_rate=1e-4, warmup_steps=0, schedule="constant",
                               b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=0.0))
     c.train.num_steps = 100_000

@@ -31,7 +31,7 @@ def get_config(arg=None):
                               init_scale=0.1))
     c.viscoin = ConfigDict(dict(num_generated=8, num_samples=8))
     c.loss = ConfigDict(dict(alpha=0.5, mse=1.0, l1=1.0, beta=3.0, gamma=0.1, delta=0.2, ortho=1.0, w_reg=1.0,
-                             lpips_weights=""))
+                             lpips_weights="", allow_perceptual_fallback=True))  # no weights offline
     c.optim = ConfigDict(dict(name="adam", learning_rate=1e-3, warmup_steps=0, schedule="constant",
                               b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=0.0))
     c.train.num_steps = 300

@@ -277,3 +277,29 @@ def test_pipeline_configs_load_and_leave_links_to_the_pipeline(spec):
     assert config.stages.stylegan2.data.resolution == vis.data.resolution == config.stages.classifier.data.resolution
     with pytest.raises(ValueError, match="unknown variant"):
         load(spec.split(":")[0] + ":nope", [])
+
+
+def test_paper_configs_refuse_to_start_without_lpips_weights_unless_allowed(tmp_path):
+    """pipeline_cub / viscoin_cub stop before any stage trains; the demo keeps the labelled fallback."""
+    from viscoin_jax import pipeline
+    from viscoin_jax.training.config import load_config as load
+    from viscoin_jax.training.viscoin import check_perceptual
+
+    for spec in ("configs/pipeline_cub.py", "configs/pipeline_cub.py:nct"):
+        config = load(spec, [])
+        with pytest.raises(ValueError, match=r"stage 'viscoin': config.stages.viscoin.loss.lpips_weights is empty"):
+            pipeline.run_pipeline(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # nothing written, nothing trained
+        allowed = load(spec, ["--config.stages.viscoin.loss.allow_perceptual_fallback=True"])
+        pipeline.check_stages(allowed)
+        weights = tmp_path / "lpips.npz"
+        weights.write_bytes(b"")
+        pipeline.check_stages(load(spec, [f"--config.stages.viscoin.loss.lpips_weights={weights}"]))
+        with pytest.raises(FileNotFoundError, match="missing.npz"):
+            pipeline.check_stages(load(spec, [f"--config.stages.viscoin.loss.lpips_weights={tmp_path / 'missing.npz'}"]))
+    with pytest.raises(ValueError, match="allow_perceptual_fallback"):
+        check_perceptual(load("configs/viscoin_cub.py", []))
+    assert check_perceptual(load("configs/viscoin_cub.py", ["--config.loss.allow_perceptual_fallback=True"])) == ""
+    for spec in ("configs/demo.py", "configs/demo.py:quick"):
+        pipeline.check_stages(load(spec, []))
+    assert check_perceptual(load("configs/viscoin_synthetic.py", [])) == ""

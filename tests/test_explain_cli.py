@@ -93,3 +93,51 @@ def test_images_from_the_runs_own_data_set(checkpoint, tmp_path):
     source = SyntheticConcepts("blob_binary", resolution=32, size=64, split="test")
     expected = np.stack([source[i]["image"] for i in range(3)]).astype(np.float32) / 127.5 - 1.0
     np.testing.assert_allclose(images, expected, atol=1e-6)
+
+
+def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_path):
+    """`sanity_check`: Spearman of |gradient| maps, trained vs f with its layers randomised from the top
+    (scipy on maps of the randomised model); `deletion_insertion`: AUCs with the background fill, and a
+    random-attribution row."""
+    import json
+
+    import scipy.stats
+
+    from viscoin_jax.explain import attributions as attr
+    from viscoin_jax.explain.report import Report
+    from viscoin_jax.metrics.attribution_metrics import deletion_insertion, randomise_params
+    from viscoin_jax.training.common import restore_task_state
+
+    task, state, config, _ = restore_task_state(checkpoint)
+    data = explain_run.load_images("synthetic/blob_binary:test:3", 32)
+    layers = explain_run.cascade_layers("resnet", state["params"])
+    assert layers == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    summary = explain_run.explain_classifier(task, state, data, ["gradient", "sanity_check", "deletion_insertion"],
+                                             Report("t"), tmp_path)
+    fn, _ = explain_run.classifier_functions(task, state)
+    x = data["images"]
+    pred = np.asarray(fn(x)).argmax(-1)
+    trained = np.abs(np.asarray(attr.vanilla_gradient(fn, x, pred, reduce="abs_max")))
+    rng = jax.random.fold_in(jax.random.key(0), 7)
+    with np.load(tmp_path / "sanity_check.npz") as a:
+        rho = a["spearman_gradient"]
+        assert list(a["layers_top_down"]) == layers[::-1]
+    full = randomise_params(state["params"], rng, layers=layers)  # every layer re-drawn, once
+    for n in (1, 3):  # the top n layers take their re-drawn weights, the others stay trained
+        top = tuple(layers[-n:])
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, t, r: r if str(getattr(path[0], "key", path[0])).startswith(top) else t,
+            state["params"], full)
+        rfn, _ = explain_run.classifier_functions(task, dict(state, params=params))
+        rand = np.abs(np.asarray(attr.vanilla_gradient(rfn, x, pred, reduce="abs_max")))
+        expected = [scipy.stats.spearmanr(trained[i].ravel(), rand[i].ravel())[0] for i in range(3)]
+        np.testing.assert_allclose(rho[:, n - 1], expected, atol=2e-3)
+    assert summary["sanity check gradient: Spearman, all layers randomised"] == pytest.approx(np.mean(rho[:, -1]))
+    # deletion: the fill is each image's background (per-channel median), and the random row is there
+    fill = np.broadcast_to(np.median(x, axis=(1, 2), keepdims=True), x.shape)
+    auc = deletion_insertion(fn, x, trained, pred, mode="deletion", num_steps=16, baseline=fill).auc
+    assert summary["gradient deletion AUC"] == pytest.approx(float(np.mean(auc)), abs=1e-5)
+    assert 0.0 <= summary["random attribution deletion AUC"] <= 1.0
+    assert summary["best attribution deletion AUC minus random"] == pytest.approx(
+        summary["gradient deletion AUC"] - summary["random attribution deletion AUC"])
+    json.dumps(summary)  # every value is JSON-serialisable

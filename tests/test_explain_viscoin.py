@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is emp
 
 SMALL_LATENT = LatentSettings(projection_steps=4, direction_samples=64, num_series=5, interpolation_steps=3,
                               ig_steps=5, coverage_samples=70)
-SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2)
+SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2, cc_test_images=12)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,13 @@ def test_metrics_and_arrays_are_consistent(viscoin_report):
         np.testing.assert_allclose(a["median"], np.median(a["per_image"], axis=1))
         assert metrics["FF median (tau 0.2)"] == pytest.approx(float(a["median"][1]))
     with np.load(viscoin_report / "consistency.npz") as a:
-        acc = a["accuracy"]
-        assert acc.shape == (8,) and np.all((acc >= 0) & (acc <= 1))
-        assert metrics["CC mean"] == pytest.approx(float(np.mean(acc)))
+        acc, pairs = a["accuracy"], a["test_pairs"]
+        # pairs only where the concept is active, on the 12 held-out images (not the 3 explained)
+        assert acc.shape == (8,) and np.all((pairs >= 0) & (pairs <= 12)) and pairs.max() > 3
+        assert np.array_equal(np.isnan(acc), pairs == 0)
+        assert np.all((acc[pairs > 0] >= 0) & (acc[pairs > 0] <= 1))
+        assert metrics["CC mean"] == pytest.approx(float(np.nanmean(acc)))
+        assert metrics["CC held-out images"] == 12
     with np.load(viscoin_report / "latent_direction.npz") as a:
         probs, target, flipped = a["probs"], a["target"], a["flipped"]
         np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -75,8 +79,13 @@ def test_metrics_and_arrays_are_consistent(viscoin_report):
         assert a["layer_attributions"].shape[0] == 3
         assert np.all(np.isfinite(a["completeness_gap"]))
     for key in ("latent counterfactuals changing a causal factor", "top concepts whose removal changes a causal factor",
-                "g fidelity to f (these images)"):
+                "g fidelity to f (these images)", "top concepts removed: blob removed",
+                "top concepts removed: colour ambiguous", "latent counterfactuals: blob removed"):
         assert 0.0 <= metrics[key] <= 1.0
+    # outcomes of their own: a removal is counted under at most one of them or as a change
+    outcomes = sum(metrics[f"top concepts removed: {o}"] for o in ("no blob in the input", "blob removed",
+                                                                    "colour ambiguous"))
+    assert outcomes + metrics["top concepts whose removal changes a causal factor"] <= 1.0 + 1e-9
     html = (viscoin_report / "report.html").read_text()
     for heading in ("VisCoIN reconstructions", "Class-level concept relevance", "training images that activate",
                     "Faithfulness FF", "Consistency CC_k", "Projections into W+", "interpolation to its counterfactual"):

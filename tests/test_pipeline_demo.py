@@ -64,6 +64,11 @@ def test_every_stage_leaves_a_checkpoint_and_the_reports_exist(demo):
     metrics = summary["explain"]["viscoin"]["metrics"]
     assert 0.0 <= metrics["latent counterfactual validity"] <= 1.0 and "FF median (tau 0.1)" in metrics
     assert "progress" in proc.stderr or "steps/s" in proc.stderr  # progress is shown
+    # every quantity of the demo's headline table is there, read from the explanations' metrics
+    assert set(summary["headline"]) == set(pipeline.HEADLINE)
+    for name, (stage, key) in pipeline.HEADLINE.items():
+        value = summary["explain"][stage]["metrics"][key]
+        assert isinstance(value, float) and (value == summary["headline"][name] or value != value), name
 
 
 def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_path):
@@ -82,6 +87,7 @@ def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_pat
     drawn = summary["explain"]["viscoin"]["metrics"]  # what G draws, from explain's random samples
     assert f"class 0 {drawn['G samples f assigns to class 0']:.3f}, class 1 {drawn['G samples f assigns to class 1']:.3f}" in text
     assert "## Comparison with the paper" in text
+    assert "## Headline" in text and "random attribution deletion AUC" in text
 
 
 def test_a_second_run_skips_finished_stages(demo, caplog):

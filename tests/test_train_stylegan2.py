@@ -229,3 +229,28 @@ def test_sharded_pallas_step_lowers_for_tpu_and_gpu():
         tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
         gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert tpu.count("tpu_custom_call") >= 50 and gpu.count("__gpu$xla.gpu.triton") >= 50
+
+
+def test_w_avg_is_updated_by_every_generator_call_of_a_step():
+    """As the reference's run_G in training mode: Gmain, the path-length pass and the fakes for D each
+    move w_avg toward their batch's mean w (beta 0.995). With lr 0 the mapping stays fixed, so the
+    expected w_avg is three lerps computed by hand from the step's own latents."""
+    config = _config(*ONE_DEVICE, "--config.optim_g.learning_rate=0.0", "--config.ada.enabled=False",
+                     "--config.stylegan2.r1_gamma=0.0", "--config.data.resolution=8",  # the cheapest step to compile
+                     "--config.model.generator.img_resolution=8", "--config.model.discriminator.img_resolution=8")
+    task = sg.make_task(config)
+    state = jax.jit(task.init)(jax.random.key(3))
+    rng = jax.random.key(11)
+    batch = {"image": jax.random.uniform(jax.random.key(5), (BATCH, 8, 8, 3), minval=-1.0, maxval=1.0)}
+    new_state, metrics = jax.jit(task.train_step)(state, batch, rng)
+    assert float(metrics["pl_lengths"]) > 0  # step 0 is a path-length step
+    G = task.generator(state["G"], jax.tree.map(lambda x: x, state["G_vars"]))
+    beta = float(G.mapping.w_avg_beta)
+    w_avg = np.asarray(state["G_vars"]["mapping"]["w_avg"][...], np.float64)
+    z_dim = task.z_dim
+    # the latents of Gmain, Greg (pl_batch_shrink 2) and Dmain: keys 0, 4 and 8 of the step
+    for index, n in ((0, BATCH), (4, BATCH // 2), (8, BATCH)):
+        z = jax.random.normal(jax.random.fold_in(rng, index), (n, z_dim), jnp.float32)
+        mean = np.asarray(G.mapping(z)[:, 0], np.float64).mean(axis=0)
+        w_avg = mean + beta * (w_avg - mean)
+    np.testing.assert_allclose(np.asarray(new_state["G_vars"]["mapping"]["w_avg"][...]), w_avg, rtol=1e-4, atol=1e-6)

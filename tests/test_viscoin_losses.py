@@ -25,14 +25,14 @@ def _np_soft_ce(logits, target_logits):
 
 
 def _np_ortho(weight):
+    """(sum_ij |cos(row_i, row_j)| - K) / K^2 by a direct loop (the official VisCoIN form)."""
     rows = np.asarray(weight, np.float64).reshape(-1, weight.shape[-1]).T
     k = rows.shape[0]
     total = 0.0
     for i in range(k):
         for j in range(k):
-            cos = rows[i] @ rows[j] / (np.linalg.norm(rows[i]) * np.linalg.norm(rows[j]))
-            total += (cos - (1.0 if i == j else 0.0)) ** 2
-    return total / k ** 2
+            total += abs(rows[i] @ rows[j] / (np.linalg.norm(rows[i]) * np.linalg.norm(rows[j])))
+    return (total - k) / k ** 2
 
 
 def _problem(seed=0):
@@ -141,11 +141,17 @@ def test_orthogonality_matches_numpy_and_known_cases():
     # invariant to the scale of each concept's weights
     scaled = w * rng.uniform(0.1, 10, size=(1, 1, 1, 6)).astype(np.float32)
     np.testing.assert_allclose(float(orthogonality_loss(scaled)), float(orthogonality_loss(w)), rtol=1e-5)
-    # orthogonal concept rows: zero; two identical concepts: Gram all ones, ||G - I||^2 / K^2 = 2 / 4
+    # orthogonal concept rows: zero; two identical concepts: Gram all ones, (4 - 2) / 2^2 = 0.5
     q, _ = np.linalg.qr(rng.normal(size=(8, 4)))
     assert abs(float(orthogonality_loss(q.astype(np.float32) * 3))) < 1e-6
     v = rng.normal(size=(5, 1)).astype(np.float32)
     np.testing.assert_allclose(float(orthogonality_loss(np.concatenate([v, 2 * v], axis=1))), 0.5, rtol=1e-6)
+    # anti-parallel concepts count as much as parallel ones (absolute cosine); by hand, three
+    # concepts (v, -v, u) with u orthogonal to v: off-diagonal |cos| = 1, 1 -> (3 + 2 - 3) / 9
+    u = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(float(orthogonality_loss(np.stack([u[0], -u[0], u[1]], axis=1))), 2 / 9, rtol=1e-6)
+    # an all-zero concept adds nothing (no negative loss from its missing diagonal)
+    np.testing.assert_allclose(float(orthogonality_loss(np.stack([u[0], u[1], 0 * u[0]], axis=1))), 0.0, atol=1e-7)
     with pytest.raises(ValueError, match="reduction"):
         orthogonality_loss(w, reduction="max")
     with pytest.raises(ValueError, match="concept axis last"):

@@ -62,7 +62,7 @@ def _ff_numpy(images, tau, score):
     c = logits.argmax(1)
     alpha = m * HEAD_W[:, c].T
     r = alpha / np.abs(alpha).max(1, keepdims=True)
-    removed = (m * (r <= tau)) @ HEAD_W + HEAD_B
+    removed = (m * (r < tau)) @ HEAD_W + HEAD_B
 
     def s(z):
         if score == "logit":
@@ -94,6 +94,27 @@ def test_faithfulness_on_an_invertible_toy_pipeline(score):
     # The per-batch function is jit-able on its own.
     one = jax.jit(lambda x: faithfulness_batch(x, taus=taus, score=score, **FNS))(images[:6])
     np.testing.assert_allclose(np.asarray(one), ref[:, :6], rtol=1e-4, atol=1e-5)
+
+
+def test_faithfulness_at_tau_one_removes_exactly_the_top_concept():
+    """The boundary: where the top concept's relevance is exactly 1 (its alpha is the largest |alpha|),
+    tau = 1 removes it and nothing else; where a negative alpha is larger in size, nothing is removed."""
+    images = _images(16, 3)
+    out = faithfulness([images], taus=(1.0,), score="logit", **FNS)
+    m = np.maximum(space_to_depth(images.astype(np.float64)), 0).max(axis=(1, 2))
+    m[:, DEAD] = 0
+    logits = m @ HEAD_W + HEAD_B
+    c = logits.argmax(1)
+    rows = np.arange(len(c))
+    alpha = m * HEAD_W[:, c].T
+    top = np.argmax(alpha, axis=1)
+    has_unit = alpha[rows, top] >= np.abs(alpha).max(axis=1)
+    assert has_unit.sum() > 0
+    removed = m.copy()
+    removed[rows[has_unit], top[has_unit]] = 0  # by hand: only the top concept zeroed, where r = 1
+    expected = logits[rows, c] - (removed @ HEAD_W + HEAD_B)[rows, c]
+    np.testing.assert_allclose(out.per_image[0], expected, rtol=1e-4, atol=1e-5)
+    assert np.all(out.per_image[0][has_unit] > 0) and np.all(out.per_image[0][~has_unit] == 0)
 
 
 def test_faithfulness_bad_inputs():
@@ -192,8 +213,9 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
                   feature_fn=feature_maps)
     train = [_images(16, 7), {"image": _images(16, 8)}]
     test = [_images(16, 9)]
-    # One-shot iterators, every concept (the count is read from the first batch, which is not lost).
-    out = consistency(iter(train), iter(test), **common)
+    # One-shot iterators, every concept (the count is read from the first batch, which is not lost);
+    # every image's pair, active concept or not.
+    out = consistency(iter(train), iter(test), min_activation=None, **common)
     np.testing.assert_array_equal(out.concept_ids, np.arange(K))
     live = np.arange(K) != DEAD
     # x+ and x- differ only in pooled feature k, by >= 4 * 0.5: separable with a margin (a soft-margin
@@ -202,12 +224,13 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
     assert out.accuracy[DEAD] == 0.5  # x+ == x-: any linear rule gets exactly one of each pair right
     np.testing.assert_allclose(out.mean, out.accuracy.mean())
     np.testing.assert_allclose(out.std, out.accuracy.std())
-    # Only pairs whose concept is active: the dead concept has none and is left out of the summary.
-    active = consistency(train, test, min_activation=0.0, **common)
-    assert np.isnan(active.accuracy[DEAD])
+    # By default only pairs whose concept is active: the dead concept has none and is left out.
+    active = consistency(train, test, **common)
+    assert np.isnan(active.accuracy[DEAD]) and active.test_pairs[DEAD] == 0
+    np.testing.assert_array_equal(active.test_pairs[live], 16)
     np.testing.assert_allclose(active.mean, np.mean(active.accuracy[live]))
     # Several passes over the data (six concepts at a time) give the same numbers.
-    chunked = consistency(train, test, concept_ids=np.arange(K), concepts_per_pass=6, **common)
+    chunked = consistency(train, test, concept_ids=np.arange(K), concepts_per_pass=6, min_activation=None, **common)
     np.testing.assert_allclose(chunked.accuracy, out.accuracy)
     with pytest.raises(ValueError, match="re-iterable"):
         consistency(iter(train), test, concepts_per_pass=2, **common)
@@ -217,6 +240,33 @@ def test_consistency_separates_active_concepts_and_not_a_dead_one():
         consistency(train, [], concept_ids=np.arange(K), **common)
     with pytest.raises(ValueError, match="concept_ids must be"):
         consistency(train, test, concept_ids=np.array([[1]]), **common)
+
+
+def gated_concepts_fn(images):
+    """Odd concepts fire only on images whose first pixel is positive (about half), even ones always;
+    where they fire, >= 0.5 everywhere (x+ and x- differ by a margin)."""
+    live = (jnp.maximum(space_to_depth(images), 0.0) + 0.5) * (jnp.arange(K) != DEAD)
+    gate = jnp.where(jnp.arange(K) % 2 == 1, (images[:, 0, 0, 0] > 0)[:, None], True)
+    return live * gate[:, None, None, :], jnp.zeros((images.shape[0], 9 * K))
+
+
+def test_consistency_counts_only_pairs_where_the_concept_is_active():
+    """By hand: active pairs are perfectly separable, so CC = 1 on them; counting every image instead
+    gives 1 for each active pair and exactly 1/2 for each inactive one (x+ == x-)."""
+    common = dict(concepts_fn=gated_concepts_fn, translator_fn=translator_fn, synthesis_fn=synthesis_fn,
+                  feature_fn=feature_maps)
+    train, test = [_images(40, 11)], [_images(33, 12)]
+    gate_test = test[0][:, 0, 0, 0] > 0
+    assert 0.2 < gate_test.mean() < 0.8
+    odd = np.arange(1, K, 2)
+    odd = odd[odd != DEAD]
+    out = consistency(train, test, concept_ids=odd, **common)
+    np.testing.assert_array_equal(out.test_pairs, gate_test.sum())
+    np.testing.assert_allclose(out.accuracy, 1.0)
+    every = consistency(train, test, concept_ids=odd, min_activation=None, **common)
+    np.testing.assert_array_equal(every.test_pairs, len(gate_test))
+    np.testing.assert_allclose(every.accuracy, (2 * gate_test.sum() + (~gate_test).sum()) / (2 * len(gate_test)),
+                               atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,3 +336,62 @@ def test_factor_changes_by_hand():
     out = factor_change_analysis(measure, x, cf, causal=["bright"])
     np.testing.assert_array_equal(out.changed["left"], [False, True])
     assert out.causal_only == 0.5
+
+
+def test_blob_removed_and_colour_ambiguous_are_outcomes_of_their_own():
+    """By hand: 5 edits - a clean colour flip, an erased blob (colour reads -1), a flip to an in-between
+    colour, a nuisance change, and an input without a blob. Only the first is a causal change."""
+    nan = np.nan
+    before = {"colour": np.array([0, 0, 1, 0, -1]), "size": np.array([0.2, 0.2, 0.2, 0.2, nan]),
+              "found": np.array([True, True, True, True, False]),
+              "colour_score": np.array([0.3, 0.3, -0.4, 0.3, nan])}
+    after = {"colour": np.array([1, -1, 0, 0, 1]), "size": np.array([0.2, nan, 0.2, 0.3, 0.2]),
+             "found": np.array([True, False, True, True, True]),
+             "colour_score": np.array([-0.4, nan, 0.05, 0.3, -0.4])}
+    from viscoin_jax.data.synthetic import measurement_outcomes
+
+    outcomes = measurement_outcomes(before, after)
+    np.testing.assert_array_equal(outcomes["no blob in the input"], [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(outcomes["blob removed"], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(outcomes["colour ambiguous"], [0, 0, 1, 0, 0])
+    out = factor_changes(before, after, causal=["colour"], nuisance=["size"], tolerance={"size": 0.02},
+                         outcomes=outcomes)
+    np.testing.assert_array_equal(out.changed["colour"], [True, False, False, False, False])
+    np.testing.assert_array_equal(out.changed["size"], [False, False, False, True, False])
+    assert out.any_causal == pytest.approx(0.2) and out.causal_only == pytest.approx(0.2)
+    assert out.any_nuisance == pytest.approx(0.2)
+    assert out.outcome_rate == pytest.approx({"no blob in the input": 0.2, "blob removed": 0.2, "colour ambiguous": 0.2})
+    # without the outcomes the erased blob, the in-between flip and the blank input all read as colour changes
+    naive = factor_changes(before, after, causal=["colour"], nuisance=["size"], tolerance={"size": 0.02})
+    assert naive.any_causal == pytest.approx(0.8)
+    # precedence: a sample under two outcomes counts once, under the first
+    both = factor_changes(before, after, causal=["colour"], outcomes={"a": [1, 1, 0, 0, 0], "b": [0, 1, 1, 0, 0]})
+    assert both.outcome_rate == {"a": 0.4, "b": 0.2}
+    with pytest.raises(ValueError, match="outcome 'a' must be"):
+        factor_changes(before, after, causal=["colour"], outcomes={"a": [True]})
+
+
+def test_measurement_outcomes_read_pixels():
+    """Rendered blobs: one kept, one erased (background only), one painted in the mean of the two stains."""
+    from viscoin_jax.data.synthetic import BACKGROUND_RGB, STAIN_RGB, measure_factors, measurement_outcomes
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    disc = (yy - 15.5) ** 2 + (xx - 13.5) ** 2 < 36
+    images = np.broadcast_to(np.asarray(BACKGROUND_RGB, np.float64), (3, 32, 32, 3)).copy()
+    images[0][disc] = STAIN_RGB[0]
+    edits = images.copy()
+    edits[0][disc] = STAIN_RGB[1]  # a clean flip
+    edits[1] = images[1]
+    images[1][disc] = STAIN_RGB[1]  # the edit erases it
+    images[2][disc] = STAIN_RGB[1]
+    edits[2][disc] = 0.5 * (STAIN_RGB[0] + STAIN_RGB[1])  # in between
+    before, after = measure_factors(images.astype(np.uint8)), measure_factors(edits.astype(np.uint8))
+    outcomes = measurement_outcomes(before, after)
+    np.testing.assert_array_equal(outcomes["blob removed"], [False, True, False])
+    np.testing.assert_array_equal(outcomes["colour ambiguous"], [False, False, True])
+    np.testing.assert_array_equal(outcomes["no blob in the input"], [False, False, False])
+    to_unit = lambda a: (a.astype(np.uint8).astype(np.float32) / 127.5 - 1.0)  # noqa: E731
+    out = factor_change_analysis(measure_factors, to_unit(images), to_unit(edits),
+                                 causal=["colour"], nuisance=["size"], tolerance={"size": 0.02},
+                                 outcomes_fn=measurement_outcomes)
+    np.testing.assert_array_equal(out.changed["colour"], [True, False, False])

@@ -48,11 +48,51 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
     return summary
 
 
+# The demo's headline numbers (issue 14's table): name -> (explained stage, key in its metrics.json)
+HEADLINE = {
+    "G_ema samples whose blob colour is between the two stains": (
+        "viscoin", "G samples whose blob colour is in between the stains"),
+    "G_ema samples f assigns to the rarer class": ("viscoin", "G samples f assigns to the rarer class"),
+    "VisCoIN FF median, tau 0.1": ("viscoin", "FF median (tau 0.1)"),
+    "VisCoIN FF median, tau 0.2": ("viscoin", "FF median (tau 0.2)"),
+    "VisCoIN FF median, tau 0.4": ("viscoin", "FF median (tau 0.4)"),
+    "top concept removed: only causal factors change": ("viscoin", "top concepts changing only causal factors"),
+    "latent-direction counterfactual validity": ("viscoin", "latent counterfactual validity"),
+    "latent-direction counterfactuals: only causal factors change": (
+        "viscoin", "latent counterfactuals changing only causal factors"),
+    "i-ResNet counterfactuals changing a causal factor": (
+        "iresnet", "i-ResNet counterfactuals changing a causal factor"),
+    "i-ResNet counterfactual validity after re-encoding": ("iresnet", "i-ResNet counterfactual validity"),
+    "best attribution deletion AUC": ("classifier", "best attribution deletion AUC"),
+    "random attribution deletion AUC": ("classifier", "random attribution deletion AUC"),
+}
+
+
+def headline(explained: dict) -> dict:
+    """HEADLINE's numbers from the explanations' metrics (None where a stage or method did not run)."""
+    return {name: explained.get(stage, {}).get("metrics", {}).get(key) for name, (stage, key) in HEADLINE.items()}
+
+
+def check_stages(config: Any) -> None:
+    """Checks what a late stage needs that an early one cannot give (the VisCoIN stage's LPIPS
+    weights, or the explicit permission to use the labelled fallback), before any training."""
+    from .training.viscoin import check_perceptual
+
+    for name in config.stage_order:
+        stage = config.stages.get(name)
+        if stage is not None and stage.get("trainer") == "viscoin":
+            try:
+                check_perceptual(stage)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"stage {name!r}: {e}".replace("config.loss.", f"config.stages.{name}.loss.")) from None
+
+
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
     from .training.config import CONFIG_JSON, record_config
 
     workdir = Path(workdir)
+    check_stages(config)  # a config that cannot finish fails before the first stage trains
     workdir.mkdir(parents=True, exist_ok=True)
     # a rerun with another config keeps the first config.json (finished stages were trained with it)
     record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
@@ -76,6 +116,7 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
         summary[name] = run_stage(name, stage_cfg, stage_dir)
     if config.explain.enabled:
         summary["explain"] = run_explanations(config, workdir)
+        summary["headline"] = headline(summary["explain"])
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     log.info("pipeline finished: %s", workdir / "summary.json")
     return summary
@@ -125,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         parse_override_args(overrides)
         config = load_config(args.config, overrides)
+        check_stages(config)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2

@@ -62,6 +62,7 @@ def collect(workdir: str | Path) -> dict[str, Any]:
         out["sample_grid"] = str(grids[-1].relative_to(w)) if grids else None
     for stage, item in summary.get("explain", {}).items():
         out["explain"][stage] = item.get("metrics", {})
+    out["headline"] = summary.get("headline", {})
     return out
 
 
@@ -93,6 +94,12 @@ def render(data: dict[str, Any], workdir: str) -> str:
         "Data: the embedded synthetic `blob_binary` set at 32 px (class = stain colour, pink or purple; "
         "shape, size, position, brightness, texture and stain jitter are nuisance factors).",
         "",
+        *(["## Headline", "",
+           "The explanations' key numbers (the counterfactual and top-concept fractions count blob-removed, "
+           "colour-ambiguous and blob-less cases as outcomes of their own, never as changes; the attribution "
+           "AUCs fill deleted pixels with each image's background, and the random row is the chance level).",
+           "", _table(["quantity", "value"], [[k, v] for k, v in data["headline"].items()]), ""]
+          if data.get("headline") else []),
         "## Stages",
         "",
         _table(["stage", "steps", "wall time (s)"], [[k, v.get("steps"), v.get("seconds")] for k, v in st.items()]),
@@ -136,21 +143,29 @@ def render(data: dict[str, Any], workdir: str) -> str:
                   "Top concepts: removing each held-out image's most relevant concept (lambda 1 -> 0) changed "
                   f"a causal factor in {_fmt(em.get('top concepts whose removal changes a causal factor'))} of "
                   f"the images, a nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}, "
-                  f"and only causal factors in {_fmt(em.get('top concepts changing only causal factors'))} "
-                  f"(a blob was measurable in {_fmt(em.get('reconstructions with a measurable blob'))} of the "
-                  "reconstructions; where none is, colour and shape read as unknown before and after).", ""]
+                  f"and only causal factors in {_fmt(em.get('top concepts changing only causal factors'))}; "
+                  f"the removal erased the blob in {_fmt(em.get('top concepts removed: blob removed'))}, left a "
+                  f"colour in between the stains in {_fmt(em.get('top concepts removed: colour ambiguous'))} and "
+                  f"had no blob to start from in {_fmt(em.get('top concepts removed: no blob in the input'))} "
+                  "(outcomes of their own, not changes). CC is tested on held-out images, with pairs only "
+                  "where the concept is active.", ""]
     parts += ["## Counterfactuals (held-out images)", "",
               _table(["method", "validity", "L1 to input / projection", "changed a causal factor",
-                      "changed a nuisance factor", "causal only"], [
-                  ["i-ResNet (closed form between class means)", im.get("i-ResNet counterfactual validity"),
+                      "changed a nuisance factor", "causal only", "blob removed", "colour ambiguous"], [
+                  [f"i-ResNet (class means, aimed at p >= {_fmt(im.get('i-ResNet counterfactual target confidence'))}"
+                   ", validity re-encoded)",
+                   im.get("i-ResNet counterfactual validity"),
                    im.get("i-ResNet counterfactual L1"), im.get("i-ResNet counterfactuals changing a causal factor"),
                    im.get("i-ResNet counterfactuals changing a nuisance factor"),
-                   im.get("i-ResNet counterfactuals changing only causal factors")],
+                   im.get("i-ResNet counterfactuals changing only causal factors"),
+                   im.get("i-ResNet counterfactuals: blob removed"),
+                   im.get("i-ResNet counterfactuals: colour ambiguous")],
                   ["StyleGAN latent direction (VisCoIN's G and f)", em.get("latent counterfactual validity"),
                    em.get("latent counterfactual L1 to the projection"),
                    em.get("latent counterfactuals changing a causal factor"),
                    em.get("latent counterfactuals changing a nuisance factor"),
-                   em.get("latent counterfactuals changing only causal factors")],
+                   em.get("latent counterfactuals changing only causal factors"),
+                   em.get("latent counterfactuals: blob removed"), em.get("latent counterfactuals: colour ambiguous")],
               ]), ""]
     found = em.get("reconstructions with a measurable blob")
     if found is not None and found < 0.5:

@@ -432,6 +432,19 @@ MEASURED_TOLERANCES = {"colour": 0.0, "shape": 0.0, "size": 0.02, "center_y": 0.
                        "brightness": 0.06}
 
 
+def measurement_outcomes(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pairs of measurements (`measure_factors` of an image and of its edit) whose factors cannot be
+    compared, as outcomes of their own, in order of precedence:
+    - "no blob in the input": nothing to change (colour and shape read -1 before);
+    - "blob removed": the edit erased the blob (its colour would read -1: not a colour change);
+    - "colour ambiguous": a colour in between the stains before or after (its sign is no class).
+    """
+    found_before, found_after = np.asarray(before["found"], bool), np.asarray(after["found"], bool)
+    ambiguous = colour_in_between(before["colour_score"]) | colour_in_between(after["colour_score"])
+    return {"no blob in the input": ~found_before, "blob removed": found_before & ~found_after,
+            "colour ambiguous": ambiguous}
+
+
 def measured_factor_roles(variant: str) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
     """(causal, nuisance, tolerance) of the measured factors of `variant`, for factor-change metrics."""
     causal = get_variant(variant).causal
@@ -442,5 +455,6 @@ def measured_factor_roles(variant: str) -> tuple[tuple[str, ...], tuple[str, ...
 __all__ = [
     "VARIANTS", "Variant", "get_variant", "factor_names", "label_from_factors", "sample_factors",
     "stack_factors", "flip_factors", "render", "SyntheticConcepts", "make_synthetic_arrays",
-    "measure_factors", "MEASURED_TOLERANCES", "measured_factor_roles", "COLOUR_NAMES", "SHAPE_NAMES", "SPLITS",
+    "measure_factors", "MEASURED_TOLERANCES", "measured_factor_roles", "measurement_outcomes", "colour_in_between",
+    "COLOUR_NAMES", "SHAPE_NAMES", "SPLITS",
 ]

@@ -69,10 +69,15 @@ def concept_contributions(phi, head_weight, classes) -> jax.Array:
 
 
 def concept_relevance(phi, head_weight, classes) -> jax.Array:
-    """r [N, K] = alpha / max_l |alpha_l| (0 for an image whose concepts are all inactive)."""
+    """r [N, K] = alpha / max_l |alpha_l| (0 for an image whose concepts are all inactive).
+
+    The largest |alpha| gets exactly +-1: XLA may divide as x * (1 / y), which leaves x / x one ulp
+    below 1, and a threshold tau = 1 must still select the top concept.
+    """
     alpha = concept_contributions(phi, head_weight, classes)
     scale = jnp.max(jnp.abs(alpha), axis=-1, keepdims=True)
-    return jnp.where(scale > 0, alpha / jnp.where(scale > 0, scale, 1.0), 0.0)
+    r = jnp.where(jnp.abs(alpha) == scale, jnp.sign(alpha), alpha / jnp.where(scale > 0, scale, 1.0))
+    return jnp.where(scale > 0, r, 0.0)
 
 
 def predicted_classes(head_fn: Callable[[jax.Array], jax.Array], phi) -> jax.Array:

@@ -148,8 +148,10 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     if settings.coverage_samples > 0:
         sample_z, samples, sample_logits = generated_samples(models, jax.random.fold_in(rng, 1), settings.coverage_samples)
         sample_class = sample_logits.argmax(-1)
-        for c in range(sample_logits.shape[-1]):
-            summary[f"G samples f assigns to class {c}"] = float(np.mean(sample_class == c))
+        shares = [float(np.mean(sample_class == c)) for c in range(sample_logits.shape[-1])]
+        for c, share in enumerate(shares):
+            summary[f"G samples f assigns to class {c}"] = share
+        summary["G samples f assigns to the rarer class"] = min(shares)
         captions = [f"f: {c}" for c in sample_class[:16]]
         if variant is not None:
             from ..data.synthetic import colour_in_between, measure_factors
@@ -157,9 +159,9 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
             measured = measure_factors(samples)
             between = colour_in_between(measured["colour_score"])
             summary["G samples with a measurable blob"] = float(np.mean(measured["found"]))
-            if measured["found"].any():
-                summary["G samples whose blob colour is in between the stains"] = float(
-                    np.mean(between[measured["found"]]))
+            # of the samples with a measurable blob (NaN where G draws none)
+            summary["G samples whose blob colour is in between the stains"] = (
+                float(np.mean(between[measured["found"]])) if measured["found"].any() else float("nan"))
             captions = [f"{cap}{', colour in between' if b else ''}" for cap, b in zip(captions, between)]
         report.add_image_grid(f"What G draws: random samples (of {len(samples)}) and f's class", samples[:16],
                               captions, cols=8)
@@ -224,15 +226,18 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary["latent counterfactual L1 to the projection"] = float(np.mean(proximity["l1"]))
     summary["latent counterfactual shift (w_std units, mean)"] = float(np.mean(ts[cf_at]) / float(w_std))
     if variant is not None:
-        from ..data.synthetic import measure_factors, measured_factor_roles
+        from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 
         causal, nuisance, tolerance = measured_factor_roles(variant)
         summary["projections with a measurable blob"] = float(np.mean(measure_factors(np.asarray(proj.images))["found"]))
         changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,
-                                             nuisance=nuisance, tolerance=tolerance)
+                                             nuisance=nuisance, tolerance=tolerance,
+                                             outcomes_fn=measurement_outcomes)
         summary["latent counterfactuals changing a causal factor"] = changes.any_causal
         summary["latent counterfactuals changing a nuisance factor"] = changes.any_nuisance
         summary["latent counterfactuals changing only causal factors"] = changes.causal_only
+        for outcome, rate in changes.outcome_rate.items():  # not counted as changes
+            summary[f"latent counterfactuals: {outcome}"] = rate
         report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
                          title=f"Factors changed by the latent counterfactuals (causal: {', '.join(causal)})")
     log.info("latent directions: %.1fs", time.perf_counter() - t0)

@@ -6,7 +6,8 @@ For a trained VisCoIN (frozen f and G, trained extractor Psi, head Theta, transl
 - per class: the mean relevance over training images the head assigns to that class;
 - per concept: the training images that activate it most;
 - faithfulness FF (median per tau) on the given images and consistency CC_k (SVM trained on pairs
-  from training images, tested on pairs from the given images).
+  from training images, tested on pairs from >= 128 held-out images of the run's test split, not
+  only the few explained ones; pairs only where the concept is active).
 
 On the embedded synthetic data, the measured factors of each image's top concept drawn at lambda 1
 vs 0 say whether removing the concept changes the causal factor or a nuisance factor.
@@ -41,6 +42,7 @@ class ConceptSettings:
     top_images: int = 6  # top-activating training images shown per concept
     max_images_drawn: int = 8  # images whose concepts are drawn in the report
     cc_amplification: float = 4.0
+    cc_test_images: int = 128  # held-out images (the run's test split) CC is tested on
 
 
 def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -128,16 +130,19 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
-            from ..data.synthetic import measure_factors, measured_factor_roles
+            from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 
             causal, nuisance, tolerance = measured_factor_roles(variant)
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             changes = cfm.factor_change_analysis(
                 measure_factors, drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)],
-                causal=causal, nuisance=nuisance, tolerance=tolerance)
+                causal=causal, nuisance=nuisance, tolerance=tolerance,
+                outcomes_fn=measurement_outcomes)
             summary["top concepts whose removal changes a causal factor"] = changes.any_causal
             summary["top concepts whose removal changes a nuisance factor"] = changes.any_nuisance
             summary["top concepts changing only causal factors"] = changes.causal_only
+            for outcome, rate in changes.outcome_rate.items():  # not counted as changes
+                summary[f"top concepts removed: {outcome}"] = rate
             report.add_table([[k_, v] for k_, v in changes.change_rate.items()], ["factor", "fraction changed"],
                              title="Factors changed by removing each image's top concept (lambda 1 -> 0)")
             arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in causal]), axis=0)
@@ -150,24 +155,28 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
                                           head_fn=fns.head_fn, head_weight=fns.head_weight,
                                           translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn)
         report.add_table([[f"{t:g}", m] for t, m in zip(ff.taus, ff.median)], ["tau", "median FF"],
-                         title="Faithfulness FF (g's class probability lost when concepts with r > tau are removed)")
+                         title="Faithfulness FF (g's class probability lost when concepts with r >= tau are removed)")
         summary.update({f"FF median (tau {t:g})": float(m) for t, m in zip(ff.taus, ff.median)})
         save_arrays(out, "faithfulness", taus=ff.taus, per_image=ff.per_image, median=ff.median)
         log.info("faithfulness: %.1fs", time.perf_counter() - t0)
 
     if "consistency" in methods:
         t0 = time.perf_counter()
-        cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(np.asarray(images), 64),
+        test_x, _ = training_images(task.config, settings.cc_test_images, split="test")
+        cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(test_x, 64),
                                          concepts_fn=fns.concepts_fn, translator_fn=fns.translator_fn,
                                          synthesis_fn=fns.synthesis_fn, feature_fn=fns.features_fn,
                                          amplification=settings.cc_amplification)
-        report.add_table([[int(c), a, t] for c, a, t in zip(cc.concept_ids, cc.accuracy, cc.train_accuracy)],
-                         ["concept", "test accuracy", "train accuracy"],
+        report.add_table([[int(c), a, t, int(p)] for c, a, t, p in zip(cc.concept_ids, cc.accuracy,
+                                                                        cc.train_accuracy, cc.test_pairs)],
+                         ["concept", "test accuracy", "train accuracy", "test pairs (concept active)"],
                          title=f"Consistency CC_k: linear SVM on f's stage-2 features, x+ (phi_k x "
-                               f"{settings.cc_amplification:g}) vs x- (phi_k = 0)")
+                               f"{settings.cc_amplification:g}) vs x- (phi_k = 0), on {len(test_x)} held-out "
+                               "images, pairs only where phi_k > 0")
         summary["CC mean"], summary["CC std"] = cc.mean, cc.std
+        summary["CC held-out images"] = len(test_x)
         save_arrays(out, "consistency", concept_ids=cc.concept_ids, accuracy=cc.accuracy,
-                    train_accuracy=cc.train_accuracy)
+                    train_accuracy=cc.train_accuracy, test_pairs=cc.test_pairs)
         log.info("consistency: %.1fs", time.perf_counter() - t0)
     return summary
 

@@ -195,6 +195,27 @@ def randomise_params(params, key, *, from_top: bool = True, n_layers: int | None
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def cascading_randomisations(params, key, layers: Sequence[str], *, method: str | Callable = "gaussian") -> list:
+    """Adebayo et al.'s cascade: [params with the top 1, 2, ..., len(layers) layers re-initialised].
+
+    One fully randomised copy (`randomise_params` of every listed layer) supplies the new values, so
+    a layer keeps the same random weights at every level of the cascade, and the randomisation
+    compiles once rather than once per level. `layers` are path prefixes in network order.
+    """
+    layers = [str(layer) for layer in layers]
+    full = randomise_params(params, key, layers=layers, method=method)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    random_leaves = jax.tree_util.tree_leaves(full)
+    groups = [_leaf_group(p) for p, _ in leaves]
+    out = []
+    for n in range(1, len(layers) + 1):
+        chosen = layers[len(layers) - n:]
+        mixed = [r if any(_matches(g, layer) for layer in chosen) else leaf
+                 for g, (_, leaf), r in zip(groups, leaves, random_leaves)]
+        out.append(jax.tree_util.tree_unflatten(treedef, mixed))
+    return out
+
+
 def _call_init(init, key, leaf):
     new = jnp.asarray(init(key, leaf))
     if new.shape != leaf.shape:
@@ -332,5 +353,6 @@ def _curves(classifier_fn, images, saliency, targets, baseline, counts, delete, 
 
 __all__ = [
     "average_ranks", "spearman_correlation", "ssim", "param_groups", "randomise_params", "RANDOMISATIONS",
+    "cascading_randomisations",
     "RandomisationCheck", "model_randomisation_check", "DeletionInsertion", "deletion_insertion",
 ]

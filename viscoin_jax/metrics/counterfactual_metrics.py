@@ -7,7 +7,10 @@
 - factor changes: with a data set whose generative factors can be measured on any image (the
   synthetic data set provides `measure_factors(images) -> {name: [N, ...]}`), the fraction of
   counterfactuals in which each factor changed. A good counterfactual changes the causal factors
-  (those the label depends on) and leaves the nuisance factors alone.
+  (those the label depends on) and leaves the nuisance factors alone. Samples whose factors cannot
+  be compared (the object was erased, a colour reads as neither class) are outcomes of their own,
+  never counted as changes: an erased blob would otherwise read as a new colour, and an in-between
+  colour as a flip by its sign.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..explain.latent_direction import check_images
 
 PerceptualFn = Callable[[jax.Array, jax.Array], jax.Array]
 MeasureFn = Callable[[jax.Array], Mapping[str, jax.Array]]
+OutcomesFn = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
 def _decisions(logits_or_classes) -> np.ndarray:
@@ -86,7 +90,7 @@ def proximity(images, counterfactuals, *, perceptual_fn: PerceptualFn | None = N
 
 @dataclasses.dataclass(frozen=True)
 class FactorChanges:
-    changed: dict[str, np.ndarray]  # factor -> [N] bool
+    changed: dict[str, np.ndarray]  # factor -> [N] bool (False where an outcome applies)
     change_rate: dict[str, float]  # factor -> fraction of counterfactuals where it changed
     causal: tuple[str, ...]
     nuisance: tuple[str, ...]
@@ -95,6 +99,8 @@ class FactorChanges:
     any_causal: float  # fraction of counterfactuals changing at least one causal factor
     any_nuisance: float  # fraction changing at least one nuisance factor
     causal_only: float  # fraction changing a causal factor and no nuisance factor
+    outcomes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> [N] bool, disjoint
+    outcome_rate: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> fraction
 
 
 def _tolerance(tolerance, name):
@@ -110,6 +116,7 @@ def factor_changes(
     causal: Sequence[str],
     nuisance: Sequence[str] | None = None,
     tolerance: float | Mapping[str, float] = 0.0,
+    outcomes: Mapping[str, object] | None = None,
 ) -> FactorChanges:
     """Which measured factors differ between inputs (`before`) and counterfactuals (`after`).
 
@@ -117,6 +124,10 @@ def factor_changes(
     entry differs by more than `tolerance` (a float for all factors, or per factor name; 0 for
     discrete factors). `nuisance` defaults to every factor not in `causal`; factors in neither are
     reported per factor but not in the causal/nuisance summaries.
+    `outcomes` ({name: [N] bool}, in order of precedence) names samples whose factors cannot be
+    compared: each such sample counts under the first outcome that holds for it and changes no
+    factor. Every rate is a fraction of all N samples, so the outcome rates, the causal-only rate
+    and the rest add up to at most 1.
     """
     if set(before) != set(after):
         raise ValueError(f"before and after measure different factors: {sorted(before)} vs {sorted(after)}")
@@ -132,7 +143,18 @@ def factor_changes(
     if not causal:
         raise ValueError("causal must name at least one factor")
 
-    changed, rates, n = {}, {}, None
+    changed, rates = {}, {}
+    first = np.asarray(before[names[0]]) if names else np.zeros(0)
+    taken = np.zeros(first.shape[0] if first.ndim else 0, bool)
+    out_masks, out_rates = {}, {}
+    for name, mask in (outcomes or {}).items():
+        mask = np.asarray(mask, bool)
+        if mask.shape != taken.shape:
+            raise ValueError(f"outcome {name!r} must be a [N] = [{taken.shape[0]}] bool array, got shape {mask.shape}")
+        out_masks[name] = mask & ~taken
+        taken |= mask
+        out_rates[name] = float(np.mean(out_masks[name])) if taken.size else float("nan")
+    n = None
     for name in names:
         a, b = np.asarray(before[name]), np.asarray(after[name])
         if a.shape != b.shape or a.ndim == 0:
@@ -142,7 +164,7 @@ def factor_changes(
         elif a.shape[0] != n:
             raise ValueError(f"factor {name!r} has {a.shape[0]} samples, expected {n}")
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).reshape(n, -1)
-        changed[name] = np.any(diff > _tolerance(tolerance, name), axis=1)
+        changed[name] = np.any(diff > _tolerance(tolerance, name), axis=1) & ~taken
         rates[name] = float(np.mean(changed[name])) if n else float("nan")
 
     def any_of(group):
@@ -159,6 +181,8 @@ def factor_changes(
         any_causal=float(np.mean(any_c)),
         any_nuisance=float(np.mean(any_n)),
         causal_only=float(np.mean(any_c & ~any_n)),
+        outcomes=out_masks,
+        outcome_rate=out_rates,
     )
 
 
@@ -170,12 +194,17 @@ def factor_change_analysis(
     causal: Sequence[str],
     nuisance: Sequence[str] | None = None,
     tolerance: float | Mapping[str, float] = 0.0,
+    outcomes_fn: OutcomesFn | None = None,
 ) -> FactorChanges:
-    """`factor_changes` of measure_factors(images) vs measure_factors(counterfactuals)."""
+    """`factor_changes` of measure_factors(images) vs measure_factors(counterfactuals).
+
+    `outcomes_fn(measured_before, measured_after) -> {name: [N] bool}` gives the `outcomes`
+    (e.g. `data.synthetic.measurement_outcomes`: blob removed, colour ambiguous).
+    """
     images = check_images(images)
     counterfactuals = check_images(counterfactuals, "counterfactuals")
     if images.shape != counterfactuals.shape:
         raise ValueError(f"images {images.shape} and counterfactuals {counterfactuals.shape} differ in shape")
-    return factor_changes(
-        measure_factors(images), measure_factors(counterfactuals), causal=causal, nuisance=nuisance, tolerance=tolerance
-    )
+    before, after = measure_factors(images), measure_factors(counterfactuals)
+    outcomes = outcomes_fn(before, after) if outcomes_fn is not None else None
+    return factor_changes(before, after, causal=causal, nuisance=nuisance, tolerance=tolerance, outcomes=outcomes)

@@ -1,15 +1,20 @@
 """VisCoIN's concept metrics (Parekh et al. 2025, sec. 4): faithfulness and consistency.
 
 Faithfulness FF_x = g(x~)_c - g(x_rem)_c: x~ is the reconstruction from the concepts of x, x_rem
-the reconstruction after zeroing every concept with relevance r_k > tau (for g's predicted class c),
+the reconstruction after zeroing every concept with relevance r_k >= tau (for g's predicted class c),
 and g is the whole VisCoIN pipeline (concept extractor + interpretable head) re-run on the decoded
 image. A faithful concept set loses the class when its relevant concepts are removed. Reported as
-the median over the test set for tau in {0.1, 0.2, 0.4}.
+the median over the test set for tau in {0.1, 0.2, 0.4}. The boundary is inclusive so that tau = 1
+still removes the top concept (its relevance is exactly 1); the paper's "r_k > tau" differs from
+this only on a set of measure zero for tau < 1.
 
-Consistency CC_k: does concept k change the image in the same way everywhere? For each image,
-x+ decodes phi with phi_k scaled by lambda and x- with phi_k = 0; a linear SVM on the classifier's
-features (stage 2, spatially pooled) separates x+ from x- on training pairs; CC_k is its accuracy on
-test pairs. Reported as mean +- std over concepts.
+Consistency CC_k: does concept k change the image in the same way everywhere? For each image
+where concept k is active (maxpool(phi_k) > 0), x+ decodes phi with phi_k scaled by lambda and x-
+with phi_k = 0; a linear SVM on the classifier's features (stage 2, spatially pooled) separates x+
+from x- on training pairs; CC_k is its accuracy on test pairs. Reported as mean +- std over
+concepts. Where phi_k = 0, x+ and x- are the same image with opposite labels: such a pair means
+nothing (any rule gets exactly one of the two right), and counting it pulls CC toward 0.5 in
+proportion to how rarely the concept fires (the official code's definition has the same caveat).
 
 The SVM is a linear soft-margin SVM (hinge loss + L2) solved by dual coordinate descent
 (Hsieh et al. 2008), batched over concepts with `vmap`.
@@ -66,7 +71,7 @@ def faithfulness_batch(
 ) -> jax.Array:
     """FF [T, N] for one batch and every tau (pure and jit-able).
 
-    c is g's prediction on x; relevances are for c. `score` picks what g(.)_c is: "prob" (softmax
+    c is g's prediction on x; relevances are for c; concepts with r_k >= tau are removed. `score` picks what g(.)_c is: "prob" (softmax
     probability, default), "logit" or "log_prob".
     """
     images = check_images(images)
@@ -83,7 +88,7 @@ def faithfulness_batch(
     base = class_score(g(reconstruction), classes, score)
 
     def removed(tau):
-        keep = (relevance <= tau).astype(phi.dtype)
+        keep = (relevance < tau).astype(phi.dtype)  # removed: r >= tau
         x_rem = decode_concepts(translator_fn, synthesis_fn, phi * keep[:, None, None, :], phi_prime)
         return base - class_score(g(x_rem), classes, score)
 
@@ -318,6 +323,7 @@ class Consistency(NamedTuple):
     concept_ids: np.ndarray  # [J]
     accuracy: np.ndarray  # [J] test accuracy of each concept's SVM (NaN if no test pair was used)
     train_accuracy: np.ndarray  # [J]
+    test_pairs: np.ndarray  # [J] test pairs used (images where the concept is active)
     mean: float  # over concepts with a finite accuracy
     std: float
 
@@ -332,7 +338,7 @@ def consistency(
     feature_fn: FeatureFn,
     concept_ids=None,
     amplification: float = 4.0,
-    min_activation: float | None = None,
+    min_activation: float | None = 0.0,
     c: float = 1.0,
     standardize: bool = True,
     max_epochs: int = 200,
@@ -340,9 +346,10 @@ def consistency(
 ) -> Consistency:
     """CC_k for every concept in `concept_ids` (default: all K): SVM on train pairs, accuracy on test pairs.
 
-    Batches are image arrays or dicts with "image". With `min_activation`, only images whose
-    maxpool(phi_k) exceeds it contribute pairs for concept k (an inactive concept gives x+ == x-, an
-    unlearnable pair). The pair features of all concepts are held in memory ([J, 2N, D] per split);
+    Batches are image arrays or dicts with "image". Only images whose maxpool(phi_k) exceeds
+    `min_activation` (default 0: the concept is active) contribute pairs for concept k (an inactive
+    concept gives x+ == x-, an unlearnable pair); None uses every image. A concept with no test pair
+    gets NaN and is left out of mean and std. The pair features of all concepts are held in memory ([J, 2N, D] per split);
     `concepts_per_pass` bounds J by making several passes over the data, which then must be
     re-iterable (e.g. lists of batches, not one-shot iterators).
     """
@@ -384,7 +391,7 @@ def consistency(
         return x, y, jnp.concatenate([use, use], axis=1)
 
     per_pass = concept_ids.size if concepts_per_pass is None else concepts_per_pass
-    accuracy, train_accuracy = [], []
+    accuracy, train_accuracy, test_pairs = [], [], []
     for start in range(0, concept_ids.size, per_pass):
         ids = concept_ids[start : start + per_pass]
         train = collect(train_batches, ids, "train")
@@ -392,8 +399,9 @@ def consistency(
         acc, train_acc = _fit_and_score(*train, *test, jnp.float32(c), max_epochs, standardize)
         accuracy.append(np.asarray(acc))
         train_accuracy.append(np.asarray(train_acc))
+        test_pairs.append(np.asarray(jnp.sum(test[2], axis=1)) // 2)
     accuracy, train_accuracy = np.concatenate(accuracy), np.concatenate(train_accuracy)
     finite = accuracy[np.isfinite(accuracy)]
     mean = float(np.mean(finite)) if finite.size else float("nan")
     std = float(np.std(finite)) if finite.size else float("nan")
-    return Consistency(concept_ids, accuracy, train_accuracy, mean, std)
+    return Consistency(concept_ids, accuracy, train_accuracy, np.concatenate(test_pairs), mean, std)

@@ -4,11 +4,15 @@
     viscoin-jax train --config configs/stylegan2_cub.py --workdir gs://bucket/sg2_cub
 
 One jitted step runs the reference's four phases in order, each with its own Adam update:
-  Gmain  non-saturating loss of D(augment(G(z))) with style mixing (prob 0.9); tracks w_avg.
+  Gmain  non-saturating loss of D(augment(G(z))) with style mixing (prob 0.9).
   Greg   lazy path-length regularisation, every `pl_interval` steps (`jax.lax.cond`: the second
          order pass is only paid on those steps).
   Dmain  logistic loss on augmented reals and (fresh, updated-G) fakes.
   Dreg   lazy R1 on augmented reals, every `r1_interval` steps (`jax.lax.cond`).
+On CPU the lazy terms are chosen on the host instead (`step_variant`: one program per variant),
+because XLA:CPU runs the convolutions inside a `lax.cond` branch ~100x slower.
+Every generator call of the step (Gmain, Greg on its steps, the fakes for Dmain) updates w_avg, as
+the reference's run_G does in training mode (the style-mixing second mapping does not);
 then the EMA of G (half-life `ema_kimg` thousand images, optional ramp-up) and, every
 `ada.interval` steps, the ADA probability p from the sign of D(real) (target `ada.target`).
 Since the regularisers take separate optimiser steps, Adam's lr and betas are lazy-adjusted
@@ -194,40 +198,42 @@ class StyleGAN2Task(Task):
         pl_penalty = pl_len = jnp.zeros((), jnp.float32)
         if self.pl_interval > 0 and float(s.pl_weight) > 0:
             def greg(operands):
-                g_params, g_opt, pl_mean = operands
+                g_params, g_opt, pl_mean, g_vars = operands
 
                 def pl_loss(g_params):
-                    G = self.generator(g_params, g_vars)
+                    G = self.generator(g_params, jax.tree.map(lambda x: x, g_vars))
                     n = b // int(s.pl_batch_shrink)
                     z = jax.random.normal(keys["pl_z"], (n, self.z_dim), jnp.float32)
-                    ws, _ = style_mixing(G, z, None, float(s.style_mixing_prob), keys["pl_mix"])
+                    ws, _ = style_mixing(G, z, None, float(s.style_mixing_prob), keys["pl_mix"], update_emas=True)
                     synth = lambda w: G.synthesis(w, noise_mode="random", noise_rng=keys["pl_noise"])  # noqa: E731
-                    return losses.path_length_penalty(
+                    loss, aux = losses.path_length_penalty(
                         synth, ws, keys["pl_y"], pl_mean, pl_weight=float(s.pl_weight),
                         pl_decay=float(s.pl_decay), interval=self.pl_interval)
+                    return loss, (aux, nnx.split(G, nnx.Param, ...)[2])
 
-                (loss, aux), grads = jax.value_and_grad(pl_loss, has_aux=True)(g_params)
+                (loss, (aux, g_vars)), grads = jax.value_and_grad(pl_loss, has_aux=True)(g_params)
                 upd, g_opt = self.tx_g.update(grads, g_opt, g_params)
-                return (optax.apply_updates(g_params, upd), g_opt, aux["pl_mean"],
+                return (optax.apply_updates(g_params, upd), g_opt, aux["pl_mean"], g_vars,
                         jnp.mean(aux["pl_penalty"]), jnp.mean(aux["pl_lengths"]))
 
             def skip(operands):
-                g_params, g_opt, pl_mean = operands
-                return g_params, g_opt, pl_mean, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+                g_params, g_opt, pl_mean, g_vars = operands
+                return g_params, g_opt, pl_mean, g_vars, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
 
-            operands = (g_params, g_opt, pl_mean)
+            operands = (g_params, g_opt, pl_mean, g_vars)
             if variant is None:
-                g_params, g_opt, pl_mean, pl_penalty, pl_len = jax.lax.cond(
+                g_params, g_opt, pl_mean, g_vars, pl_penalty, pl_len = jax.lax.cond(
                     step % self.pl_interval == 0, greg, skip, operands)
             else:
-                g_params, g_opt, pl_mean, pl_penalty, pl_len = (greg if variant[0] else skip)(operands)
+                g_params, g_opt, pl_mean, g_vars, pl_penalty, pl_len = (greg if variant[0] else skip)(operands)
         metrics.update(pl_penalty=pl_penalty, pl_lengths=pl_len, pl_mean=pl_mean)
 
         # Dmain ----------------------------------------------------------------------------------
-        G = self.generator(g_params, g_vars)
+        G = self.generator(g_params, jax.tree.map(lambda x: x, g_vars))
         z = jax.random.normal(keys["d_z"], (b, self.z_dim), jnp.float32)
-        ws, _ = style_mixing(G, z, None, float(s.style_mixing_prob), keys["d_mix"])
+        ws, _ = style_mixing(G, z, None, float(s.style_mixing_prob), keys["d_mix"], update_emas=True)
         fake = jax.lax.stop_gradient(G.synthesis(ws, noise_mode="random", noise_rng=keys["d_noise"]))
+        g_vars = nnx.split(G, nnx.Param, ...)[2]
 
         def d_main_loss(d_params):
             fake_logits = self._d_fn(state, d_params, p, keys["d_aug_fake"])(fake)

@@ -16,9 +16,10 @@ x~ = G.synthesis(Omega(phi, phi')); loss = `viscoin_losses.viscoin_loss` with th
 `config.loss`. The gamma term CE(f(x~), f(x)) back-propagates through G's synthesis and f into
 Omega and Psi (not detached: it is what makes the concepts faithful).
 
-Perceptual term: LPIPS-VGG when `config.loss.lpips_weights` names the weights, otherwise (with a
-warning, also in the log and in viscoin_eval.json) the LPIPS recipe on f's own stage 1-4 features,
-which is NOT LPIPS.
+Perceptual term: LPIPS-VGG when `config.loss.lpips_weights` names the weights, otherwise (only
+where `config.loss.allow_perceptual_fallback` is true, with a warning, also in the log and in
+viscoin_eval.json) the LPIPS recipe on f's own stage 1-4 features, which is NOT LPIPS. The paper
+configs set the key to False: without weights they refuse to start (`check_perceptual`).
 
 After training, `train` writes `viscoin_eval.json`: accuracy of g, fidelity to f, reconstruction
 MSE and perceptual distance, and the faithfulness FF (median) at tau 0.1 / 0.2 / 0.4.
@@ -61,6 +62,25 @@ def _max_batches(n) -> int | None:
     return None if n is None or int(n) <= 0 else int(n)
 
 
+def check_perceptual(config: Any) -> str:
+    """The LPIPS weights path of a VisCoIN config ("" for the labelled fallback), or a clear error.
+
+    Raises FileNotFoundError for a path that does not exist, and ValueError for an empty path unless
+    `config.loss.allow_perceptual_fallback` is true (a config without the key, e.g. one saved
+    before it existed, allows it). Cheap: the pipeline calls it before its first stage.
+    """
+    path = str(config.loss.get("lpips_weights", ""))
+    if path:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"config.loss.lpips_weights={path!r} does not exist")
+        return path
+    if not bool(config.loss.get("allow_perceptual_fallback", True)):
+        raise ValueError("config.loss.lpips_weights is empty and config.loss.allow_perceptual_fallback is False: "
+                         "give LPIPS weights (viscoin-jax convert lpips ...) or allow the labelled stand-in "
+                         "(not LPIPS) with --config.loss.allow_perceptual_fallback=True")
+    return path
+
+
 def _loss_weights(loss_cfg: Any) -> dict[str, float]:
     """The viscoin_loss weights of `config.loss` (its other keys, e.g. lpips_weights, are not weights)."""
     return {k: float(v) for k, v in _kwargs(loss_cfg).items() if k in DEFAULT_WEIGHTS}
@@ -75,6 +95,7 @@ class VisCoINTask(Task):
         for key in ("classifier_workdir", "generator_workdir"):
             if not str(config.get(key, "")):
                 raise ValueError(f"config.{key} must name a trained run directory")
+        lpips_path = check_perceptual(config)  # before loading anything
         # --- frozen f -------------------------------------------------------------------------
         clf_task, clf_state, _ = classifier_lib.load(config.classifier_workdir)
         f = clf_task.model(clf_state)
@@ -117,10 +138,7 @@ class VisCoINTask(Task):
         self.rest = jax.jit(lambda: nnx.split(self.build(nnx.Rngs(0)), nnx.Param, ...)[2])()
         self.tx = common.make_optimizer(config.optim, config.train.num_steps)
         # --- perceptual loss ----------------------------------------------------------------------
-        lpips_path = str(config.loss.get("lpips_weights", ""))
         if lpips_path:
-            if not Path(lpips_path).exists():
-                raise FileNotFoundError(f"config.loss.lpips_weights={lpips_path!r} does not exist")
             lp = load_lpips(lpips_path)
             self.lpips_graphdef, self.lpips_state = nnx.split(lp)
             self.perceptual_name, self.is_lpips = lp.name, True

@@ -5,7 +5,7 @@
           + beta * mean perceptual(x~, x)                          reconstruction, LPIPS-like
           + gamma * CE(f(x~), softmax f(x))                        reconstruction, classifier output
           + delta * mean |Phi|                                     concept sparsity
-          + ortho * ||W_n W_n^T - I||_F^2 / K^2                    concept orthogonality
+          + ortho * (sum |W_n W_n^T| - K) / K^2                    concept orthogonality
           + w_reg * mean (w - w_avg)^2                             stay near the generator's W
 
 Normalisation (chosen to match the per-element means of torch's F.mse_loss / F.l1_loss used by
@@ -16,10 +16,13 @@ public VisCoIN code, so that the paper's weights keep their relative scale):
   `perceptual_fn`'s output (per sample or scalar).
 - orthogonality: with W the last concept conv's kernel viewed as K rows (one per concept, the
   kernel's last axis is the concept axis, Flax layout [kh, kw, C_in, K]), each row scaled to unit
-  L2 norm, the squared Frobenius distance of the Gram matrix to the identity divided by K^2,
-  i.e. the mean squared cosine similarity between distinct concepts' weight vectors. The
-  paper only says "orthogonality of the normalised weights"; `orthogonality_loss(...,
-  reduction="sum")` gives the plain squared Frobenius norm.
+  L2 norm, the official VisCoIN code's form (sum_ij |W_n W_n^T|_ij - K) / K^2: the mean absolute
+  cosine similarity between distinct concepts' weight vectors (the diagonal, all ones, is taken
+  out). The paper only says "orthogonality of the normalised weights". An earlier version used the
+  squared form ||W_n W_n^T - I||_F^2 / K^2: on Gaussian weights at K = 256, D = 1536 it is 6.4e-4
+  (random cosines are ~1/sqrt(D), and squaring shrinks them once more) against 0.020 for the
+  absolute form, whose gradient is ~20x larger (measured). `orthogonality_loss(...,
+  reduction="sum")` gives sum |W_n W_n^T| - K.
 
 Gradients: the targets (f(x), x, w_avg) are constants. The gamma term is computed here by calling
 `classifier_fn(x~)`, so its gradient reaches x~ (and through G and Omega, the concepts): this term
@@ -117,8 +120,9 @@ def sparsity_loss(phi) -> jax.Array:
 
 
 def orthogonality_loss(concept_weight, *, reduction: str = "mean", eps: float = 1e-12) -> jax.Array:
-    """||W_n W_n^T - I||_F^2 over the K unit-normalised concept rows (divided by K^2 for "mean").
+    """(sum |W_n W_n^T| - K) over the K unit-normalised concept rows (divided by K^2 for "mean").
 
+    The official VisCoIN form: the summed absolute cosine similarity of distinct concepts' weights.
     `concept_weight`: the concept conv's kernel with concepts on the LAST axis ([kh, kw, C_in, K]
     in Flax, or [C_in, K]); row k is the flattened kernel producing concept k.
     """
@@ -132,7 +136,9 @@ def orthogonality_loss(concept_weight, *, reduction: str = "mean", eps: float = 
     norms = jnp.sqrt(jnp.sum(jnp.square(rows), axis=1, keepdims=True))
     rows = rows / jnp.maximum(norms, eps)
     gram = jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
-    total = jnp.sum(jnp.square(gram - jnp.eye(k, dtype=rows.dtype)))
+    # the diagonal is 1 for every non-zero row; subtracting |diag| rather than K keeps an all-zero
+    # concept (diagonal 0) from giving a negative loss
+    total = jnp.sum(jnp.abs(gram)) - jnp.sum(jnp.abs(jnp.diagonal(gram)))
     return total / (k * k) if reduction == "mean" else total
 
 
