@@ -70,8 +70,13 @@ def test_sharded_step_equals_single_device(tmp_path):
     sharded = [x for x in jax.tree.leaves(results[1].state["task"]["params"])
                if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated]
     assert sharded, "FSDP sharded no parameter"
+    # Each convolution agrees with a float64 loop to ~3e-7 under either partitioning, but two SGD
+    # steps through batch norm on 4-channel layers amplify the different summation orders of the
+    # batch-16 and batch-2 convolutions to ~1e-4 of the parameters (~10% of a ~1e-3 update); a
+    # sharding error (a gradient averaged over the wrong count, statistics of one shard) moves them
+    # by the size of the update itself.
     for a, b in zip(jax.tree.leaves(_params(results[0])), jax.tree.leaves(_params(results[1]))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4)
 
 
 def test_full_evaluation_matches_numpy(tmp_path, monkeypatch):
