@@ -11,12 +11,17 @@ Topologies:
   cpu:N       N fake CPU devices (the script re-executes itself with the XLA flag that makes them)
   tpu:NAME    a Cloud TPU topology by name (e.g. v5e:4x4, v4:2x2x2), through
               jax.experimental.topologies; needs libtpu installed (pip install 'jax[tpu]')
-  --lower-only with --lowering-platform cuda|tpu and cpu:N lowers for that platform on N host
-  devices: the trace and lowering times of the step without libtpu or the CUDA plugin.
   cuda:SxHxG  S slices of H hosts with G GPUs each (cuda:1x1x8: one 8-GPU node), through
               jax.experimental.topologies and the CUDA plugin (pip install jax-cuda12-plugin; no
               GPU or CUDA install needed); needs --gpu-target-config, a GpuTargetConfig text proto
               describing the GPU model (a file, or h100 / a100 from launch/gpu_targets/)
+
+--lower-only stops after lowering and prints the trace and lowering times; with cpu:N and
+--lowering-platform cuda|tpu it lowers for that platform on N host devices (the kernels' Triton /
+Mosaic lowering, no libtpu or CUDA plugin needed):
+
+    python launch/aot_compile.py --config configs/stylegan2_cub.py --topology cpu:8 \
+        --lowering-platform cuda --lower-only
 """
 
 from __future__ import annotations
