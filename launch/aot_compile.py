@@ -20,8 +20,7 @@ Topologies:
 --lowering-platform cuda|tpu it lowers for that platform on N host devices (the kernels' Triton /
 Mosaic lowering, no libtpu or CUDA plugin needed):
 
-    python launch/aot_compile.py --config configs/stylegan2_cub.py --topology cpu:8 \
-        --lowering-platform cuda --lower-only
+    python launch/aot_compile.py --config configs/stylegan2_cub.py --topology cpu:8 --lowering-platform cuda --lower-only
 """
 
 from __future__ import annotations
