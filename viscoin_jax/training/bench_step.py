@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import op_profile
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 WIDTHS = {
@@ -146,7 +148,9 @@ def _our_g_unit(resolution: int, batch: int, widths: dict, impl: str):
 
     counter = iter(range(1 << 30))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return (lambda: g_step(params, rest, jax.random.key(next(counter)))), int(n_params)
+    run = lambda: g_step(params, rest, jax.random.key(next(counter)))  # noqa: E731
+    run.hlo_texts = lambda: [g_step.lower(params, rest, jax.random.key(0)).compile().as_text()]
+    return run, int(n_params)
 
 
 def _our_step_unit(resolution: int, batch: int, widths_name: str, mapping_layers, impl: str):
@@ -173,6 +177,12 @@ def _our_step_unit(resolution: int, batch: int, widths_name: str, mapping_layers
             box["state"], out = compiled.train_step(box["state"], {"image": images}, variant)
             box["step"] += 1
         return out
+
+    def hlo_texts():  # the compiled programs of one period (one per step variant)
+        variants = {task.step_variant(i) for i in range(task.r1_interval)}
+        return [compiled.train_step.lower(box["state"], {"image": images}, v).compile().as_text()
+                for v in variants]
+    steps.hlo_texts = hlo_texts
     n_params = sum(x.size for x in jax.tree.leaves(box["state"]["task"]["G"]))
     return steps, int(n_params)
 
@@ -203,6 +213,12 @@ class NVlabsWorker:
         self.proc.stdin.flush()
         return float(self._read()["seconds"])
 
+    def profile(self) -> dict:
+        """{bucket: seconds} of one unit under torch.profiler (`op_profile.torch_profile`)."""
+        self.proc.stdin.write("profile\n")
+        self.proc.stdin.flush()
+        return dict(self._read()["buckets"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -210,7 +226,7 @@ class NVlabsWorker:
 
 
 def compare_one(path: str, unit: str, resolution: int, batch: int, widths_name: str, mapping_layers,
-                impl: str, repeats: int, threads: int | None) -> dict:
+                impl: str, repeats: int, threads: int | None, profile: bool = False) -> dict:
     """This project and NVlabs on one unit and shape, alternating `repeats` times; medians, ratio."""
     widths = _widths(widths_name, mapping_layers)
     spec = dict(unit=unit, resolution=resolution, batch=batch, threads=threads, style_mixing_prob=0.9,
@@ -235,11 +251,20 @@ def compare_one(path: str, unit: str, resolution: int, batch: int, widths_name: 
             theirs.append(worker.run())
             print(f"[compare] {unit} {resolution} px round {i + 1}/{repeats}: ours {ours[-1]:.3f} s, "
                   f"NVlabs {theirs[-1]:.3f} s", flush=True)
+        if profile:
+            print(f"[compare] {unit} {resolution} px: profiling one unit on each side", flush=True)
+            our_buckets, our_ops = op_profile.trace_jax(run, run.hlo_texts())
+            their_buckets = worker.profile()
     finally:
         worker.close()
     images = batch * (16 if unit == "step" else 1)
     ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
-    return {"unit": unit, "resolution": resolution, "batch": batch, "widths": widths_name,
+    extra = {}
+    if profile:
+        extra = {"profile_ours": our_buckets, "profile_nvlabs": their_buckets,
+                 "profile_ours_top_ops": [dict(seconds=t, op=op, bucket=b, derivative_order=o, where=w)
+                                          for t, op, b, o, w in our_ops[:40]]}
+    return {**extra, "unit": unit, "resolution": resolution, "batch": batch, "widths": widths_name,
             "mapping_layers": widths["mapping_layers"], "impl": impl, "G_params": n_params,
             "compile_s": compile_s, "ours_s": ours_s, "nvlabs_s": theirs_s,
             "ours_images_per_s": images / ours_s, "nvlabs_images_per_s": images / theirs_s,
@@ -257,6 +282,18 @@ def print_compare_table(rows: list[dict]) -> None:
         print(f"{r['unit']:>5} {r['resolution']:>4} {r['batch']:>5} {r['G_params']:>11,} {r['ours_s']:>8.3f} "
               f"{r['nvlabs_s']:>9.3f} {r['ours_images_per_s']:>10.2f} {r['nvlabs_images_per_s']:>12.2f} "
               f"{r['speed_vs_nvlabs']:>14.2f}x")
+
+
+def print_profile(row: dict) -> None:
+    """The op-by-op split of one compared unit (seconds per bucket on each side, top ops of ours)."""
+    print(f"\nWhere one '{row['unit']}' unit at {row['resolution']} px, batch {row['batch']} spends its time "
+          "(profiled once per side; bucket sums):\n")
+    op_profile.print_profile_table(row["profile_ours"], row["profile_nvlabs"], row["ours_s"], row["nvlabs_s"])
+    print(f"\nLargest ops of ours (derivative order 0 = forward, 1 = backward, 2 = R1's second order):\n")
+    print(f"{'seconds':>8} {'bucket':<15} {'order':>5}  {'where':<40} op")
+    for r in row["profile_ours_top_ops"][:20]:
+        print(f"{r['seconds']:>8.3f} {r['bucket']:<15} {r['derivative_order']:>5}  {r['where']:<40} {r['op']}")
+    print()
 
 
 def print_table(rows: list[dict]) -> None:
@@ -285,9 +322,11 @@ def main(args: argparse.Namespace) -> int:
             for widths in args.widths:
                 for res, batch in zip(args.resolutions, batches):
                     row = compare_one(args.compare_nvlabs, unit, res, batch, widths, args.mapping_layers,
-                                      args.impl, args.repeats, args.threads)
+                                      args.impl, args.repeats, args.threads, args.profile)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if args.profile:
+                        print_profile(row)
         print(f"\nThis project (jax {jax.__version__}, impl {args.impl}) and NVlabs stylegan2-ada-pytorch "
               f"(torch {rows[0]['torch']}, {rows[0]['torch_threads']} threads) alternating on "
               f"{jax.devices()[0].device_kind}; medians of {args.repeats}; 'step' = one R1 period of 16 "
@@ -328,4 +367,7 @@ def add_parser(subparsers) -> None:
                    help="with --compare-nvlabs: G forward+backward and/or the whole training step")
     p.add_argument("--repeats", type=int, default=3, help="with --compare-nvlabs: alternating rounds")
     p.add_argument("--threads", type=int, default=None, help="torch threads on the NVlabs side (default: torch's)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --compare-nvlabs: also profile one unit per side and print where the time goes, "
+                        "op by op (JAX profiler / torch.profiler)")
     p.set_defaults(func=main)

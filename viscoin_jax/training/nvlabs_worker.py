@@ -4,7 +4,7 @@ PATH is the user's own checkout of NVlabs' stylegan2-ada-pytorch (nothing of it 
 project). This worker builds NVlabs' Generator / Discriminator and StyleGAN2Loss with the widths and
 loss settings it is given, warms up, then times one unit of work each time a line "run" arrives on
 stdin and answers with one JSON line {"seconds": ...}, so the caller can alternate it with its own
-measurements in one run. Units:
+measurements in one run ("profile" answers {"buckets": {...}}: where one unit's time goes). Units:
 
 - "g": G forward + backward, loss mean(img^2), gradients w.r.t. every parameter, random noise;
 - "step": one R1 period of training steps: every step Gmain and Dmain (non-saturating logistic
@@ -103,7 +103,13 @@ def main(argv=None) -> int:
     print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}),
           flush=True)
     for line in sys.stdin:
-        if line.strip() != "run":
+        command = line.strip()
+        if command == "profile":  # one unit under torch.profiler, self CPU seconds per bucket
+            from viscoin_jax.training.op_profile import torch_profile
+
+            print(json.dumps({"buckets": torch_profile(run)}), flush=True)
+            continue
+        if command != "run":
             break
         t0 = time.perf_counter()
         run()

@@ -1,0 +1,95 @@
+"""The op-by-op profile of bench-stylegan2 --profile: what each compiled op is, and where time goes."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.conv2d_resample import conv_stride1
+from viscoin_jax.training import op_profile
+
+
+def _conv_dot_loss(x, w, m):
+    y = jnp.tanh(conv_stride1(x, w, ((1, 1), (1, 1))))  # [N, H, W, C]
+    return jnp.sum(jnp.square(y.reshape(y.shape[0], -1) @ m))
+
+
+def _compiled(fn, *args):
+    jitted = jax.jit(fn)
+    return jitted, jitted.lower(*args).compile().as_text()
+
+
+def test_hlo_index_tells_forward_from_backward_and_names_the_function():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    m = jnp.asarray(rng.normal(size=(7 * 5 * 4, 6)), jnp.float32)
+    _, fwd_text = _compiled(_conv_dot_loss, x, w, m)
+    _, bwd_text = _compiled(jax.grad(_conv_dot_loss, argnums=(0, 1, 2)), x, w, m)
+
+    def kinds(text):
+        index = op_profile.HloIndex(text)
+        out = {}
+        for name, (opcode, _, op_name, _) in index.instr.items():
+            if opcode in ("convolution", "dot", "fusion"):
+                out[name] = index.bucket(name)
+        return index, out
+
+    _, fwd = kinds(fwd_text)
+    fwd_buckets = {b for b, _, _ in fwd.values()}
+    assert "conv forward" in fwd_buckets and "conv backward" not in fwd_buckets
+    assert all(order == 0 for _, order, _ in fwd.values())
+    assert any(b == "conv forward" and where.startswith("conv2d_resample.py:") for b, _, where in fwd.values())
+
+    index, bwd = kinds(bwd_text)
+    # the input gradient is conv_stride1 again (a convolution), the weight gradient per-tap products
+    assert any(b == "conv backward" and order == 1 for b, order, _ in bwd.values())
+    # every backward instruction carries transpose( in its op_name, and only those get order >= 1
+    for name, (bucket, order, _) in bwd.items():
+        assert (order >= 1) == ("transpose(" in index.instr[name][2])
+    assert op_profile.HloIndex(bwd_text).bucket("no_such_op.7") == ("other", 0, "-")
+
+
+def test_trace_jax_accounts_for_the_run_and_ranks_the_convolution_first():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 45, 37, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)), jnp.float32)
+    m = jnp.asarray(rng.normal(size=(45 * 37 * 64, 3)), jnp.float32)
+    jitted, text = _compiled(_conv_dot_loss, x, w, m)
+    jax.block_until_ready(jitted(x, w, m))
+    t0 = time.perf_counter()
+    buckets, rows = op_profile.trace_jax(lambda: jitted(x, w, m), [text])
+    wall = time.perf_counter() - t0
+    assert rows and sum(buckets.values()) == pytest.approx(sum(r[0] for r in rows))
+    assert 0 < sum(buckets.values()) < wall  # op events happen inside the traced call
+    index = op_profile.HloIndex(text)
+    assert all(r[1].split(":")[0] in index.instr for r in rows)  # every event is an op of the module
+    # a 64 -> 64 channel 3x3 convolution on 4x45x37 outweighs the rest of this function
+    assert rows[0][2] == "conv forward"
+    assert buckets["conv forward"] > 0.5 * sum(buckets.values())
+
+
+@pytest.mark.parametrize("name, bucket", [
+    ("aten::convolution_backward", "conv backward"), ("aten::mkldnn_convolution", "conv forward"),
+    ("aten::conv2d", "conv forward"), ("aten::mm", "matmul"), ("aten::addmm", "matmul"),
+    ("aten::add_", "element-wise"), ("aten::leaky_relu", "element-wise"), ("aten::sum", "reduction"),
+    ("aten::copy_", "copy / layout"), ("ConvolutionBackward0", "autograd"),
+])
+def test_torch_bucket(name, bucket):
+    assert op_profile.torch_bucket(name) == bucket
+
+
+def test_torch_profile_splits_a_convolution_step():
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(4, 32, 29, 31)
+
+    def run():
+        conv.zero_grad(set_to_none=True)
+        torch.tanh(conv(x)).square().sum().backward()
+    run()
+    buckets = op_profile.torch_profile(run)
+    assert buckets.get("conv forward", 0) > 0 and buckets.get("conv backward", 0) > 0
+    assert buckets["conv backward"] > buckets.get("copy / layout", 0)
