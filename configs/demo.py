@@ -16,7 +16,7 @@ from viscoin_jax.training.config import load_config
 HERE = Path(__file__).resolve().parent
 
 # training steps of each stage in the demo (the stage configs' own defaults train longer)
-DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 600, "viscoin": 300}
+DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 1200, "viscoin": 300}
 
 # stage -> config file[:variant]
 STAGES = {
@@ -52,9 +52,9 @@ def get_config(arg=None):
                     stage.train.eval_every = DEMO_STEPS[name]  # FID of G_ema at the end (about 35 s)
                     stage.train.sample_every = DEMO_STEPS[name] // 4
                     stage.fid.num_samples = 128
-                    # 600 steps x 16 images see each of 16384 rendered images less than once, so D
-                    # cannot overfit and ADA has nothing to prevent; with it on, D's early lead
-                    # (a weak G) drove p to 0.9 and slowed G down.
+                    # 1200 steps x 32 images see each of 16384 rendered images about twice: too
+                    # few for D to overfit, so ADA has nothing to prevent; with it on, D's early
+                    # lead (a weak G) drove p to 0.9 and slowed G down.
                     stage.data.synthetic_size = 16384
                     stage.ada.enabled = False
                     # the path-length term costs about 30% of the step time on CPU; the demo spends

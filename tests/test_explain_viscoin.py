@@ -102,6 +102,23 @@ def test_counterfactual_index_matches_a_loop():
         assert found[i] == bool(hits) and index[i] == (hits[0] if hits else 4)
 
 
+@pytest.mark.parametrize("confidence", [0.5, 0.6, 0.9])
+def test_counterfactual_index_aims_past_the_boundary(confidence):
+    rng = np.random.default_rng(4)
+    probs = np.array(jax.nn.softmax(3 * rng.normal(size=(11, 6, 2)), -1))
+    probs[0, :, 1] = np.linspace(0.1, 1.0, 6)  # crosses 0.5 at index 3, reaches 0.9 only at the end
+    probs[0, :, 0] = 1 - probs[0, :, 1]
+    target = rng.integers(0, 2, 11)
+    target[0] = 1
+    index, found = counterfactual_index(probs, target, confidence)
+    for i in range(11):
+        flipped = [j for j in range(6) if np.argmax(probs[i, j]) == target[i]]
+        sure = [j for j in flipped if probs[i, j, target[i]] >= confidence]
+        want = sure[0] if sure else (flipped[0] if flipped else 5)
+        assert found[i] == bool(flipped) and index[i] == want
+    assert index[0] == {0.5: 3, 0.6: 3, 0.9: 5}[confidence]  # p: .1 .28 .46 .64 .82 1.0
+
+
 def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
     clf, sg2, vis = runs
     with pytest.raises(ValueError, match="need a generator"):

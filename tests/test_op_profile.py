@@ -93,3 +93,35 @@ def test_torch_profile_splits_a_convolution_step():
     buckets = op_profile.torch_profile(run)
     assert buckets.get("conv forward", 0) > 0 and buckets.get("conv backward", 0) > 0
     assert buckets["conv backward"] > buckets.get("copy / layout", 0)
+
+
+def test_fair_share_splits_overlapping_intervals_like_a_fine_time_grid():
+    rng = np.random.default_rng(2)
+    ops = [f"op{i}" for i in range(7)]
+    intervals = []
+    for _ in range(40):
+        t0 = int(rng.integers(0, 1000))
+        intervals.append((t0, t0 + int(rng.integers(0, 300)), str(rng.choice(ops))))
+    got = op_profile.fair_share(intervals)
+    # reference: one-nanosecond grid, each instant's time divided by the number of intervals covering it
+    grid = np.arange(0, 1400)
+    cover = np.zeros((len(intervals), grid.size))
+    for k, (t0, t1, _) in enumerate(intervals):
+        cover[k] = (grid >= t0) & (grid < t1)
+    n = cover.sum(0)
+    share = np.divide(cover, n, out=np.zeros_like(cover), where=n > 0).sum(1) * 1e-9
+    want = {}
+    for k, (_, _, op) in enumerate(intervals):
+        want[op] = want.get(op, 0.0) + share[k]
+    for op in set(want) | set(got):
+        assert got.get(op, 0.0) == pytest.approx(want.get(op, 0.0), abs=1e-15)
+    assert sum(got.values()) == pytest.approx((n > 0).sum() * 1e-9)  # adds up to the busy time
+
+
+def test_profile_table_lists_each_bucket_once(capsys):
+    op_profile.print_profile_table({"conv forward": 2.0, "matmul": 1.0}, {"conv forward": 1.0, "other": 0.5,
+                                                                          "element-wise": 0.25}, 3.5, 2.0)
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split("  ")[0].strip() for line in lines[2:] if not line.startswith(("profiled", "wall"))]
+    assert sorted(names) == ["conv forward", "element-wise", "matmul", "other"]
+    assert any(line.startswith("conv forward") and line.rstrip().endswith("2.00x") for line in lines)

@@ -177,12 +177,21 @@ def render(data: dict[str, Any], workdir: str) -> str:
     ff_low = vm.get("faithfulness", {}).get("0.1", 1.0) < 0.05
     if ff_low and not (found is not None and found < 0.5):
         between = em.get("G samples whose blob colour is in between the stains")
-        why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
-               "samples (never so in the training images): it has learnt where and how large blobs are, not yet "
-               "the two stain colours, so no edit of its latents can show the colour change (docs/performance.md: "
-               "the colours separate after about a thousand steps)."
-               if between is not None and between > 0.5 else
-               "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change.")
+        rarer = em.get("G samples f assigns to the rarer class")
+        causal = em.get("top concepts whose removal changes a causal factor")
+        if between is not None and between <= 0.2 and rarer is not None and rarer >= 0.3:
+            why = (f"G is not the limit here: it draws both stains (in between in {_fmt(between)} of its samples, "
+                   f"the rarer class in {_fmt(rarer)}), yet removing each image's most relevant concept changed "
+                   f"the colour in {_fmt(causal)} of them: the translator also reads the colour from the other "
+                   "concepts, so taking one away leaves it (the concepts are not yet disentangled after "
+                   f"{vm.get('step')} VisCoIN steps).")
+        elif between is not None and between > 0.5:
+            why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
+                   "samples (never so in the training images): it has learnt where and how large blobs are, not "
+                   "yet the two stain colours, so no edit of its latents can show the colour change "
+                   "(docs/performance.md: \"When does the tiny G learn the two stain colours?\").")
+        else:
+            why = "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change."
         parts += ["**Reading.** FF is near zero: removing concepts barely moves f's prediction on the "
                   "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
                   f"into G's images. g's fidelity does not need G; FF does. {why} This run trained G for "

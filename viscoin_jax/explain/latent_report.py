@@ -5,7 +5,8 @@ warm-starts the projection), or a classifier checkpoint plus a StyleGAN2 run (`e
 For each image: project it into W+, find the direction that moves f toward a target class (the
 logistic regression of f's decisions on sampled latents, Schutte et al., and the gradient of the
 target logit in W+), decode a series along it with f's probabilities, take the first image of the
-series that f assigns to the target as the counterfactual, then interpolate between the projection
+series that f assigns to the target with p >= 0.9 as the counterfactual (else the first it assigns
+to the target at all), then interpolate between the projection
 and the counterfactual with integrated gradients of f along the latent path (medXGAN style).
 
 The math lives in `projection`, `latent_direction` and `interpolation`; this module chooses
@@ -53,6 +54,7 @@ class LatentSettings:
     direction_samples: int = 512  # generated samples the logistic regression is fitted on
     num_series: int = 9  # images along each direction
     max_shift: float = 2.0  # the series ends at max_shift * w_std along the unit direction
+    confidence: float = 0.9  # the counterfactual: the first image of a series with p(target) >= this
     interpolation_steps: int = 7
     ig_steps: int = 33
     coverage_samples: int = 256  # random G samples whose classes (f) and measured factors are reported
@@ -91,13 +93,23 @@ def generated_samples(models: LatentModels, key: jax.Array, num_samples: int, ba
     return np.concatenate(zs), np.concatenate(images), np.concatenate(logits)
 
 
-def counterfactual_index(probs, target) -> tuple[np.ndarray, np.ndarray]:
-    """Per series (probs [N, T, C]): the first index whose argmax is `target` [N] (else the last),
-    and whether one was found."""
+def counterfactual_index(probs, target, confidence: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per series (probs [N, T, C]): the counterfactual's index and whether f's argmax reaches `target` [N].
+
+    The index is the first image whose target probability is >= `confidence` (past the decision
+    boundary, where the first flipped image sits on it and its colour is often in between); where the
+    series never gets there (or confidence is None), the first image whose argmax is the target; else
+    the last image.
+    """
     probs, target = np.asarray(probs), np.asarray(target)
     hits = probs.argmax(-1) == target[:, None]
     found = hits.any(axis=1)
-    return np.where(found, hits.argmax(axis=1), probs.shape[1] - 1), found
+    index = np.where(found, hits.argmax(axis=1), probs.shape[1] - 1)
+    if confidence is not None:
+        p_target = np.take_along_axis(probs, target[:, None, None], axis=-1)[..., 0]  # [N, T]
+        sure = hits & (p_target >= confidence)
+        index = np.where(sure.any(axis=1), sure.argmax(axis=1), index)
+    return index, found
 
 
 def explain_latent(models: LatentModels, data: dict, methods, report: Report, out: Path,
@@ -200,7 +212,8 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
             used.append("gradient")
     series, probs = np.stack(series), np.stack(probs)
     grad_series, grad_probs = np.stack(grad_series), np.stack(grad_probs)
-    cf_at, flipped = counterfactual_index(probs, target)
+    cf_at, flipped = counterfactual_index(probs, target, settings.confidence)
+    p_cf = probs[np.arange(len(target)), cf_at, target]
     rows = np.arange(len(pred))
     counterfactuals = series[rows, cf_at]
     cf_ws = np.asarray(ws) + ts[cf_at][:, None, None] * np.stack(
@@ -225,6 +238,8 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary["latent counterfactual validity"] = float(np.mean(validity.valid))
     summary["latent counterfactual L1 to the projection"] = float(np.mean(proximity["l1"]))
     summary["latent counterfactual shift (w_std units, mean)"] = float(np.mean(ts[cf_at]) / float(w_std))
+    summary["latent counterfactual target confidence"] = settings.confidence
+    summary["latent counterfactuals reaching the confidence"] = float(np.mean(p_cf >= settings.confidence))
     if variant is not None:
         from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 

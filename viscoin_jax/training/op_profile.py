@@ -127,8 +127,8 @@ class HloIndex:
         return kind, order, self.where(frame)
 
 
-def _op_seconds(data) -> dict[str, float]:
-    """Seconds per HLO op: from each op's start event to its "end: <op>" event.
+def _op_intervals(data) -> list[tuple[int, int, str]]:
+    """(start_ns, end_ns, op) of every HLO op run: from its start event to its "end: <op>" event.
 
     XLA:CPU runs convolutions and other large ops asynchronously on its thread pool: the op's own
     event covers only the launch, and the executor records "end: <op>" when the work is done (on
@@ -143,14 +143,46 @@ def _op_seconds(data) -> dict[str, float]:
                     ends[event.name[5:]].append(event.start_ns + event.duration_ns)
                 elif any(key == "hlo_op" for key, _ in event.stats):
                     starts[event.name].append(event.start_ns)
-    per_op: dict[str, float] = collections.defaultdict(float)
+    out = []
     for op, begun in starts.items():
         begun.sort()
         done = sorted(ends.get(op, []))
         for i, t0 in enumerate(begun):
-            # no end event recorded (a synchronous op in an older runtime): count nothing rather than guess
-            if i < len(done) and done[i] >= t0:
-                per_op[op] += (done[i] - t0) * 1e-9
+            if i < len(done) and done[i] >= t0:  # an op without its end event is left out, not guessed
+                out.append((t0, done[i], op))
+    return out
+
+
+def _op_seconds(data) -> dict[str, float]:
+    """Wall seconds per HLO op, shared fairly: ops in flight at the same time split that time evenly.
+
+    Independent ops overlap on XLA:CPU's thread pool (and an op's interval includes its wait in the
+    queue), so raw intervals add up to more than the run took; splitting each moment among the ops
+    in flight makes the per-op seconds add up to the time any op was running.
+    """
+    return fair_share(_op_intervals(data))
+
+
+def fair_share(intervals) -> dict[str, float]:
+    """Seconds per op from (start_ns, end_ns, op) intervals, each moment split among the ops in flight."""
+    boundaries = []
+    for t0, t1, op in intervals:
+        boundaries.append((t0, 1, op))
+        boundaries.append((t1, -1, op))
+    boundaries.sort(key=lambda b: (b[0], b[1]))  # at equal times, ends before starts
+    per_op: dict[str, float] = collections.defaultdict(float)
+    active: collections.Counter = collections.Counter()
+    in_flight, last = 0, None
+    for t, kind, op in boundaries:
+        if in_flight and last is not None and t > last:
+            share = (t - last) * 1e-9 / in_flight
+            for name, count in active.items():
+                per_op[name] += share * count
+        active[op] += kind
+        if active[op] == 0:
+            del active[op]
+        in_flight += kind
+        last = t
     return dict(per_op)
 
 
@@ -222,7 +254,7 @@ def torch_profile(run) -> dict:
 
 def print_profile_table(ours: dict, theirs: dict, ours_total: float, theirs_total: float) -> None:
     """Both sides' seconds per bucket and our seconds over theirs."""
-    keys = [b for b in BUCKETS if b in ours or b in theirs] + sorted(set(ours) | set(theirs) - set(BUCKETS))
+    keys = [b for b in BUCKETS if b in ours or b in theirs] + sorted((set(ours) | set(theirs)) - set(BUCKETS))
     header = f"{'bucket':<18} {'ours s':>8} {'NVlabs s':>9} {'ours / NVlabs':>13}"
     print(header)
     print("-" * len(header))
