@@ -16,16 +16,21 @@ def _conv_dot_loss(x, w, m):
     return jnp.sum(jnp.square(y.reshape(y.shape[0], -1) @ m))
 
 
+def _inputs(seed, n, h, w, cin, cout, outputs):
+    """Random (x, conv weight, product matrix) for `_conv_dot_loss` on an n x h x w x cin input."""
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32),
+            jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32),
+            jnp.asarray(rng.normal(size=(h * w * cout, outputs)), jnp.float32))
+
+
 def _compiled(fn, *args):
     jitted = jax.jit(fn)
     return jitted, jitted.lower(*args).compile().as_text()
 
 
 def test_hlo_index_tells_forward_from_backward_and_names_the_function():
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 7, 5, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
-    m = jnp.asarray(rng.normal(size=(7 * 5 * 4, 6)), jnp.float32)
+    x, w, m = _inputs(0, 2, 7, 5, 3, 4, 6)
     _, fwd_text = _compiled(_conv_dot_loss, x, w, m)
     _, bwd_text = _compiled(jax.grad(_conv_dot_loss, argnums=(0, 1, 2)), x, w, m)
 
@@ -53,10 +58,7 @@ def test_hlo_index_tells_forward_from_backward_and_names_the_function():
 
 
 def test_trace_jax_accounts_for_the_run_and_ranks_the_convolution_first():
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(4, 45, 37, 64)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)), jnp.float32)
-    m = jnp.asarray(rng.normal(size=(45 * 37 * 64, 3)), jnp.float32)
+    x, w, m = _inputs(1, 4, 45, 37, 64, 64, 3)
     jitted, text = _compiled(_conv_dot_loss, x, w, m)
     jax.block_until_ready(jitted(x, w, m))
     t0 = time.perf_counter()
