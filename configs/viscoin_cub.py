@@ -34,7 +34,9 @@ def get_config(arg=None):
     # batch counts <= 0: the whole test split
     c.eval = ConfigDict(dict(split="test", batch_size=64, max_batches=0, final_batches=0))
     c.model = ConfigDict(dict(n_concepts=256, num_classes=200, branch_channels=512, concept_grid=3,
-                              dropout=0.01, init_scale=0.1))
+                              dropout=0.01, init_scale=0.1,
+                              # W+ vectors (first, last) fed by phi_prime; () = by resolution, as the paper
+                              prime_split=()))
     c.viscoin = ConfigDict(dict(num_generated=8, num_samples=16))
     c.loss = ConfigDict(dict(alpha=0.5, mse=1.0, l1=1.0, beta=3.0, gamma=0.1, delta=0.2, ortho=1.0, w_reg=1.0,
                              # without LPIPS weights the run refuses to start (the paper's beta term is

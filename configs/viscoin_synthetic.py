@@ -28,7 +28,9 @@ def get_config(arg=None):
     c.data = data_config(name="synthetic/blob_binary", resolution=32, synthetic_size=4096, augment="flip")
     c.eval = ConfigDict(dict(split="test", batch_size=32, max_batches=4, final_batches=4))
     c.model = ConfigDict(dict(n_concepts=8, num_classes=2, branch_channels=16, concept_grid=3, dropout=0.01,
-                              init_scale=0.1))
+                              init_scale=0.1,
+                              # W+ vectors (first, last) fed by phi_prime; () = by resolution, as the paper
+                              prime_split=()))
     c.viscoin = ConfigDict(dict(num_generated=8, num_samples=8))
     c.loss = ConfigDict(dict(alpha=0.5, mse=1.0, l1=1.0, beta=3.0, gamma=0.1, delta=0.2, ortho=1.0, w_reg=1.0,
                              lpips_weights="", allow_perceptual_fallback=True))  # no weights offline

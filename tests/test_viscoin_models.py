@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 from torch import nn
 
+from viscoin_jax.models.stylegan2 import SynthesisNetwork
 from viscoin_jax.models.viscoin import (
     ConceptExtractor,
     ConceptTranslator,
@@ -167,7 +168,8 @@ def test_translator_init_zero_concepts_give_w_avg_and_routing():
     k, num_ws, w_dim = 4, 8, 16
     w_avg = _rand(5, (w_dim,), -2.0, 2.0)
     with jax.threefry_partitionable(False):  # same semantics, much faster to compile on CPU
-        tr = ConceptTranslator(k, num_ws, w_dim, w_avg, rngs=nnx.Rngs(0))  # the real initialisation
+        # the real initialisation, with the paper's 256 px layout of 3 + middle + 2
+        tr = ConceptTranslator(k, num_ws, w_dim, w_avg, prime_split=(3, 2), rngs=nnx.Rngs(0))
     d = 9 * k
     assert tr.routing == ("phi_prime",) * 3 + ("phi",) * 3 + ("phi_prime",) * 2
     np.testing.assert_array_equal(tr.prime_bias[...], 0)
@@ -205,17 +207,52 @@ def test_translator_init_zero_concepts_give_w_avg_and_routing():
     assert np.all(d_phi[~prime_rows] > 1e-4) and np.all(d_phi[prime_rows] == 0)
 
 
-def test_translator_routing_rules_and_errors():
-    assert default_prime_split(14) == (3, 2) and default_prime_split(6) == (3, 2)
-    assert default_prime_split(5) == (1, 1) and default_prime_split(3) == (1, 1)
-    with pytest.raises(ValueError, match="num_ws >= 3"):
-        default_prime_split(2)
-    tr = nnx.eval_shape(lambda: ConceptTranslator(2, 4, 8, jnp.zeros(8), rngs=nnx.Rngs(0)))
-    assert tr.routing == ("phi_prime", "phi", "phi", "phi_prime")
+def _ws_readers(resolution):
+    """Resolutions of the layers reading each W+ vector, walked from a real synthesis network the
+    way its forward pass slices ws (conv layers, then the toRGB that shares the next conv's vector)."""
+    synth = nnx.eval_shape(lambda: SynthesisNetwork(8, resolution, 3, channel_base=8 * resolution, channel_max=8,
+                                                    rngs=nnx.Rngs(0)))
+    readers = [[] for _ in range(synth.num_ws)]
+    w_idx = 0
+    for res in synth.block_resolutions:
+        block = getattr(synth, f"b{res}")
+        for j in range(block.num_conv + block.num_torgb):
+            readers[w_idx + j].append(res)
+        w_idx += block.num_conv
+    return synth.num_ws, readers
+
+
+@pytest.mark.parametrize("resolution", [8, 16, 32, 64, 128, 256, 512, 1024])
+def test_default_routing_is_the_papers_split_by_relative_resolution(resolution):
+    num_ws, readers = _ws_readers(resolution)
+    # the paper at 256 px: phi_prime feeds the vectors read only by layers at <= 8 px (1/32 of the side)
+    # and those read only by the final block
+    first = 0
+    while max(readers[first]) * 32 <= resolution:
+        first += 1
+    last = 0
+    while min(readers[num_ws - 1 - last]) == resolution:
+        last += 1
+    assert default_prime_split(num_ws) == (first, last)
+    if resolution == 256:
+        assert (first, last) == (3, 2)
+    tr = nnx.eval_shape(lambda: ConceptTranslator(2, num_ws, 8, jnp.zeros(8), rngs=nnx.Rngs(0)))
+    assert tr.routing == ("phi_prime",) * first + ("phi",) * (num_ws - first - last) + ("phi_prime",) * last
+
+
+def test_translator_routing_errors():
+    with pytest.raises(ValueError, match="besides the final block"):
+        default_prime_split(2)  # a 4 px generator: both vectors belong to the final block
+    with pytest.raises(ValueError, match="even number"):
+        default_prime_split(7)
     tr = nnx.eval_shape(lambda: ConceptTranslator(2, 14, 8, jnp.zeros(8), prime_split=(4, 0), rngs=nnx.Rngs(0)))
     assert tr.routing == ("phi_prime",) * 4 + ("phi",) * 10
+    tr = nnx.eval_shape(lambda: ConceptTranslator(2, 5, 8, jnp.zeros(8), prime_split=(1, 1), rngs=nnx.Rngs(0)))
+    assert tr.routing == ("phi_prime", "phi", "phi", "phi", "phi_prime")
     with pytest.raises(ValueError, match="leaves no W\\+ vector"):
         ConceptTranslator(2, 5, 8, jnp.zeros(8), prime_split=(3, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="feeds no W\\+ vector from phi_prime"):
+        ConceptTranslator(2, 8, 8, jnp.zeros(8), prime_split=(0, 0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"w_avg must have shape \(8,\)"):
         ConceptTranslator(2, 8, 8, jnp.zeros(7), rngs=nnx.Rngs(0))
 

@@ -19,10 +19,13 @@ Theta: (dropout) -> max over the g x g cells -> Linear(K -> C), returning logits
 
 Omega: one affine map per W+ vector from the flattened concepts (phi flattened in (row, col,
 concept) order, or phi_prime), plus the generator's average latent w_avg (the public code starts
-from zero instead). Routing: for num_ws >= 6 the first 3 and the last 2 W+ vectors come from
-phi_prime and the middle ones from phi (at 256 px, num_ws = 14: 3 + 9 + 2 as in the paper); for
-3 <= num_ws < 6 the first and the last vector come from phi_prime; `prime_split=(first, last)`
-overrides the rule. The per-vector maps are stored batched ([n_vectors, b K, w_dim] kernels) and
+from zero instead). Routing follows the paper's split by resolution: at 256 px (num_ws = 14)
+phi_prime feeds the W+ vectors of the 4 and 8 px layers (the first 3: at most 1/32 of the image
+side) and of the 256 px block (the last 2), phi the middle 9. `default_prime_split` applies the
+same relative resolutions at any size: at 32 px no layer is that coarse, so the concepts drive every
+vector but the 32 px block's two (they decide the colour there: with the first 3 vectors from
+phi_prime, removing a concept moved f by 0.007 on the demo, with none 0.2). `prime_split=(first,
+last)` overrides the rule. The per-vector maps are stored batched ([n_vectors, b K, w_dim] kernels) and
 initialised small (std init_scale / sqrt(b K)) with zero biases, so an all-zero concept input
 decodes exactly to w_avg.
 """
@@ -80,13 +83,31 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return jnp.stack(rows, axis=1)
 
 
+def ws_resolutions(num_ws: int) -> list[tuple[int, int]]:
+    """(lowest, highest) resolution of the layers that read each W+ vector of a StyleGAN2 synthesis
+    network with `num_ws` vectors: vector 2k feeds conv1 of block 4 * 2^k, vector 2k + 1 that block's
+    toRGB and the next block's conv0 (the last vector only the final toRGB)."""
+    if num_ws < 2 or num_ws % 2:
+        raise ValueError(f"num_ws must be an even number >= 2 (2 log2(R) - 2 for a StyleGAN2 at R px), got {num_ws}")
+    out = []
+    for i in range(num_ws):
+        res = 4 * 2 ** (i // 2)
+        out.append((res, res) if i % 2 == 0 or i == num_ws - 1 else (res, 2 * res))
+    return out
+
+
 def default_prime_split(num_ws: int) -> tuple[int, int]:
-    """(first, last) W+ vectors fed by phi_prime: (3, 2) for num_ws >= 6, (1, 1) for 3 <= num_ws < 6."""
-    if num_ws >= 6:
-        return 3, 2
-    if num_ws >= 3:
-        return 1, 1
-    raise ValueError(f"the translator needs num_ws >= 3 (phi_prime first / phi middle / phi_prime last), got {num_ws}")
+    """(first, last) W+ vectors fed by phi_prime: those whose layers all run at <= 1/32 of the image
+    side (the 4 and 8 px layers at 256 px) and those of the final block ((3, 2) at 256 px, as in the
+    paper; (0, 2) at 32 px)."""
+    res = ws_resolutions(num_ws)
+    top = res[-1][1]
+    first = next((i for i, (_, hi) in enumerate(res) if 32 * hi > top), num_ws)
+    last = next((i for i, (lo, _) in enumerate(reversed(res)) if lo < top), num_ws)
+    if first + last >= num_ws:
+        raise ValueError(f"the translator needs a W+ vector for phi besides the final block's two; num_ws={num_ws} "
+                         "(an 8 px or larger generator) or an explicit prime_split")
+    return first, last
 
 
 def _check_map(x, name):
@@ -245,6 +266,9 @@ class ConceptTranslator(nnx.Module):
         first, last = default_prime_split(num_ws) if prime_split is None else (int(prime_split[0]), int(prime_split[1]))
         if first < 0 or last < 0 or first + last >= num_ws:
             raise ValueError(f"prime_split {(first, last)} leaves no W+ vector for phi (num_ws={num_ws})")
+        if first + last == 0:
+            raise ValueError("prime_split (0, 0) feeds no W+ vector from phi_prime (its layers would never train); "
+                             "give at least one")
         if w_avg is None:
             w_avg = jnp.zeros((w_dim,), jnp.float32)
         w_avg = jnp.asarray(w_avg, jnp.float32)

@@ -154,7 +154,8 @@ class VisCoINTask(Task):
         return VisCoIN(int(m.n_concepts), self.num_classes, self.num_ws, self.w_dim, self.w_avg,
                        in_channels=self.in_channels, feature_sizes=self.feature_sizes,
                        branch_channels=int(m.branch_channels), concept_grid=int(m.concept_grid),
-                       dropout=float(m.dropout), init_scale=float(m.init_scale), rngs=rngs)
+                       dropout=float(m.dropout), init_scale=float(m.init_scale),
+                       prime_split=tuple(int(v) for v in m.get("prime_split", ())) or None, rngs=rngs)
 
     def _f(self):
         return nnx.merge(self.f_graphdef, self.f_state)
