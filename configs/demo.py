@@ -1,44 +1,35 @@
 """The whole pipeline on the embedded synthetic data, sized for a 2-core CPU.
 
-    viscoin-jax run --config configs/demo.py --workdir runs/demo
-    viscoin-jax run --config configs/demo.py:quick --workdir /tmp/demo   # the CI-sized version
+    viscoin-jax run --config demo --workdir runs/demo
+    viscoin-jax run --config demo:quick --workdir /tmp/demo   # the CI-sized version
 
-Each stage is the config file of its trainer (configs/<trainer>_synthetic.py) with the overrides
-below; `viscoin-jax train --config configs/<file>` runs any one of them alone.
+Each stage is the packaged config of its trainer (configs/<trainer>_synthetic.py, loaded by name,
+so a copy of this file elsewhere still finds them) with the overrides below;
+`viscoin-jax train --config <trainer>_synthetic` runs any one of them alone.
 """
-
-from pathlib import Path
 
 from ml_collections import ConfigDict
 
 from viscoin_jax.training.config import load_config
 
-HERE = Path(__file__).resolve().parent
-
 # training steps of each stage in the demo (the stage configs' own defaults train longer)
 DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 1200, "viscoin": 300}
 
-# stage -> config file[:variant]
+# stage -> packaged config name[:variant]
 STAGES = {
-    "classifier": "classifier_synthetic.py:resnet",
-    "iresnet": "classifier_synthetic.py:iresnet",
-    "stylegan2": "stylegan2_synthetic.py",
-    "viscoin": "viscoin_synthetic.py",
+    "classifier": "classifier_synthetic:resnet",
+    "iresnet": "classifier_synthetic:iresnet",
+    "stylegan2": "stylegan2_synthetic",
+    "viscoin": "viscoin_synthetic",
 }
-
-
-def _stage(spec: str) -> ConfigDict:
-    path, _, variant = spec.partition(":")
-    return load_config(str(HERE / path) + (f":{variant}" if variant else ""), [])
 
 
 def get_config(arg=None):
     c = ConfigDict()
-    order = [s for s in STAGES if (HERE / STAGES[s].partition(":")[0]).is_file()]
-    c.stage_order = order
+    c.stage_order = list(STAGES)
     c.stages = ConfigDict()
-    for name in order:
-        stage = _stage(STAGES[name])
+    for name in STAGES:
+        stage = load_config(STAGES[name], [])
         with stage.unlocked():
             for link in ("classifier_workdir", "generator_workdir"):
                 if link in stage:

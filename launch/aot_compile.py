@@ -40,7 +40,8 @@ _REEXEC_MARK = "VISCOIN_AOT_REEXEC"
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="FILE[:VARIANT]")
+    p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]",
+                   help="a packaged config name (e.g. toy_regression) or a .py file")
     p.add_argument("--topology", required=True, help="cpu:N, tpu:NAME or cuda:SxHxG")
     p.add_argument("--num-slices", type=int, default=1, help="TPU multi-slice count")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")

@@ -3,6 +3,7 @@
 #
 # usage: launch/local.sh CONFIG[:VARIANT] WORKDIR [--config.a.b=VALUE ...]
 #   e.g. launch/local.sh configs/toy_regression.py /tmp/toy --config.train.num_steps=50
+#   (or toy_regression: a config shipped with the package, by name, from any directory)
 # Running it again with the same WORKDIR resumes from the latest checkpoint.
 # Environment: PYTHON (default: python3).
 set -euo pipefail

@@ -1,6 +1,6 @@
 """`viscoin-jax run`: the whole pipeline from one config, stage by stage, resumable.
 
-    viscoin-jax run --config configs/demo.py --workdir runs/demo
+    viscoin-jax run --config demo --workdir runs/demo      # or --config configs/demo.py, a path
 
 Stages (each a sub-config of `config.stages`, trained by the trainer its `trainer` field names, in
 `WORKDIR/<stage>`): classifier (ResNet), iresnet, stylegan2, viscoin, then `explain` on held-out
@@ -188,6 +188,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline (classifiers, StyleGAN2, VisCoIN, "
                               "explanations) from one config", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="FILE[:VARIANT]")
+    from .training.train_cli import config_help
+
+    p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]", help=config_help())
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=main, allow_unknown=True)

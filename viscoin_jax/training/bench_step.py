@@ -29,8 +29,6 @@ import numpy as np
 
 from . import op_profile
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
-
 WIDTHS = {
     "paper256": dict(channel_base=16384, channel_max=512, z_dim=512, w_dim=512, mapping_layers=8),
     "narrow": dict(channel_base=1024, channel_max=32, z_dim=64, w_dim=64, mapping_layers=2),
@@ -62,7 +60,7 @@ def stylegan2_config(resolution: int, batch: int, widths: str, impl: str, mappin
                  f"--config.model.{net}.channel_max={w['channel_max']}"]
     over += [f"--config.model.generator.z_dim={w['z_dim']}", f"--config.model.generator.w_dim={w['w_dim']}",
              f"--config.model.generator.mapping_layers={w['mapping_layers']}"]
-    return load_config(str(CONFIGS / "stylegan2_synthetic.py"), over + list(extra))
+    return load_config("stylegan2_synthetic", over + list(extra))  # the packaged config, from any directory
 
 
 def _time(fn, repeats: int) -> list[float]:

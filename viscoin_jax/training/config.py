@@ -1,7 +1,10 @@
 """Run configurations: `configs/*.py` files, command-line overrides, and the copy kept in a workdir.
 
 A config file is a Python file exposing `get_config(arg=None) -> ml_collections.ConfigDict`; the
-optional `arg` selects a variant (`configs/x.py:variant`). Every config starts from `base_config()`,
+optional `arg` selects a variant (`configs/x.py:variant`). A spec is either a path to such a file
+(`configs/demo.py`, `my/exp.py:big`) or the bare name of one shipped in the package (`demo`,
+`demo:quick`): the repository's configs/ installs as `viscoin_jax.configs`, so names work from any
+directory and from a wheel. Every config starts from `base_config()`,
 which declares the sections the training framework reads, so a config can only set keys the code
 knows about. Overrides use the `--config.a.b=value` syntax and are type-checked against the value
 already in the config: an unknown key or a value of the wrong type fails before anything runs.
@@ -15,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,10 +62,27 @@ def base_config() -> ConfigDict:
 # Loading config files
 
 
+CONFIG_PACKAGE = "viscoin_jax.configs"  # the repository's configs/, installed with the package
+
+
+def _is_name(text: str) -> bool:
+    """`demo` names a packaged config; anything with a `/`, `.` or other punctuation is a path."""
+    return text.isidentifier()
+
+
+def config_names() -> list[str]:
+    """The packaged configs (the repository's configs/*.py), by the name `--config NAME` takes."""
+    package = importlib.import_module(CONFIG_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if not m.ispkg and not m.name.startswith("_"))
+
+
 def _split_variant(spec: str) -> tuple[str, str | None]:
-    """`configs/x.py:variant` -> (`configs/x.py`, `variant`); `C:/x.py` has no variant."""
+    """`configs/x.py:variant` -> (`configs/x.py`, `variant`), `x:variant` -> (`x`, `variant`);
+    `C:/x.py` has no variant."""
     path, sep, variant = spec.rpartition(":")
-    if sep and path.endswith(".py") and variant and "/" not in variant and "\\" not in variant:
+    if (sep and variant and "/" not in variant and "\\" not in variant
+            and (path.endswith(".py") or _is_name(path))):
         return path, variant
     return spec, None
 
@@ -76,23 +97,39 @@ def _import_file(path: Path):
     return module
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Loads `path.py[:variant]`, applies `--config.a.b=value` overrides, and locks the result.
-
-    Raises FileNotFoundError for a missing file and ValueError for a file without `get_config`,
-    a variant the file rejects, an unknown key or a badly typed value (the message names the key).
-    """
-    path_str, variant = _split_variant(spec)
-    path = Path(path_str)
+def _import_config(source: str):
+    """The module of a packaged config name or of a config file; one-line errors for neither."""
+    if _is_name(source):
+        names = config_names()
+        if source not in names:
+            raise ValueError(f"unknown config {source!r}: packaged configs are {', '.join(names)} "
+                             "(or give the path of a .py file)")
+        return importlib.import_module(f"{CONFIG_PACKAGE}.{source}")
+    path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    module = _import_file(path)
+        hint = ""
+        if path.suffix == ".py" and path.stem in config_names():
+            hint = f" (the packaged config of that name loads from any directory with --config {path.stem})"
+        raise FileNotFoundError(f"config file not found: {path}{hint}")
+    return _import_file(path)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path.py[:variant]` or `name[:variant]`, applies `--config.a.b=value` overrides, and
+    locks the result.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown config name, a file
+    without `get_config`, a variant the file rejects, an unknown key or a badly typed value (the
+    message names the key).
+    """
+    source, variant = _split_variant(spec)
+    module = _import_config(source)
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
-        raise ValueError(f"config file {path} defines no get_config(arg=None) function")
+        raise ValueError(f"config {source} defines no get_config(arg=None) function")
     config = get_config(variant) if variant is not None else get_config()
     if not isinstance(config, ConfigDict):
-        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+        raise ValueError(f"{source}: get_config() returned {type(config).__name__}, not a ConfigDict")
     config = ConfigDict(config)  # a private, unlocked copy
     apply_overrides(config, overrides)
     config.lock()
@@ -316,6 +353,6 @@ def load_saved_config(workdir: str | os.PathLike) -> ConfigDict:
 
 
 __all__ = [
-    "base_config", "load_config", "apply_overrides", "parse_override_args", "config_to_dict",
+    "base_config", "load_config", "config_names", "apply_overrides", "parse_override_args", "config_to_dict",
     "config_from_dict", "save_config", "load_saved_config", "config_changes", "record_config",
 ]

@@ -1,6 +1,10 @@
 """`viscoin-jax train`: train from a config file.
 
-    viscoin-jax train --config configs/x.py[:variant] --workdir DIR [--config.a.b=VALUE ...]
+    viscoin-jax train --config NAME[:variant] --workdir DIR [--config.a.b=VALUE ...]
+    viscoin-jax train --config path/to/x.py[:variant] --workdir DIR
+
+NAME is a config shipped with the package (the repository's configs/, e.g. `classifier_synthetic`,
+`toy_regression:fsdp`); a path loads any file exposing `get_config(arg=None)`.
 
 The config's `trainer` field picks the trainer module (see TRAINERS); each exposes
 `make_task(config)` and `train(config, workdir)`. Running the same command again resumes from the
@@ -59,12 +63,18 @@ def report_user_error(prog: str, error: BaseException) -> int:
     return 2
 
 
+def config_help() -> str:
+    """`--config`'s help: the packaged names, so that `--help` shows what a bare name can be."""
+    from .config import config_names
+    return ("a packaged config (" + ", ".join(config_names()) + ") or a .py file exposing "
+            "get_config(arg=None); :VARIANT selects a variant")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model from a config file",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="FILE[:VARIANT]",
-                   help="config file exposing get_config(arg=None)")
+    p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]", help=config_help())
     p.add_argument("--workdir", required=True, help="checkpoints, logs and samples go here")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit without training")
