@@ -7,15 +7,13 @@ import pytest
 from viscoin_jax.explain.concepts import (
     TopK,
     class_relevance,
-    concept_relevance,
     concept_visualisation,
-    predicted_classes,
-    scale_concepts,
     top_activating_images,
     top_concepts,
     topk_init,
     topk_update,
 )
+from viscoin_jax.models.concepts import concept_relevance, predicted_classes, scale_concepts
 
 K, C, NUM_WS, W_DIM, HI, WI = 7, 4, 2, 5, 3, 5
 RNG = np.random.default_rng(0)

@@ -31,94 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from ..checks import as_key, broadcast_to_images, check_choice, check_images, check_positive_int, check_targets
+from ..metrics.maps import REDUCTIONS, normalize_maps, reduce_channels
+from .. import scores
+from ..scores import SCORES, class_score, prepare_targets, resolve_targets
+
 ClassifierFn = Callable[[jax.Array], jax.Array]
 
-SCORES = ("logit", "prob", "log_prob")
-REDUCTIONS = ("sum", "abs_sum", "abs_max", "max", "l2")
 IG_RULES = ("trapezoid", "right", "left", "midpoint")
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks and shared pieces
-
-
-def check_images(images, name: str = "images") -> jax.Array:
-    """A floating [N, H, W, C] array, or ValueError naming the problem."""
-    images = jnp.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"{name} must be NHWC [N, H, W, C], got shape {images.shape}")
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"{name} must be floating point in [-1, 1], got dtype {images.dtype}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch")
-    return images
-
-
-def _check_choice(value, choices, name):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
-
-
-def _check_positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _num_classes(classifier_fn, images) -> int:
-    out = jax.eval_shape(classifier_fn, jax.ShapeDtypeStruct(images.shape, images.dtype))
-    if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != images.shape[0]:
-        raise ValueError(f"classifier_fn must return logits [N, num_classes] = [{images.shape[0]}, C], "
-                         f"got {getattr(out, 'shape', type(out))}")
-    return int(out.shape[1])
-
-
-def check_targets(targets, n: int, num_classes: int | None = None) -> jax.Array | None:
-    """None, or int32 [n] target classes from an int or an [n] array (ValueError on bad input).
-
-    The range is checked when the targets are concrete and num_classes is given; traced targets
-    (inside a caller's jit) cannot be checked and pass through.
-    """
-    if targets is None:
-        return None
-    t = jnp.asarray(targets)
-    if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"targets must be integer class indices, got dtype {t.dtype}")
-    if t.ndim == 0:
-        t = jnp.full((n,), t)
-    if t.shape != (n,):
-        raise ValueError(f"targets must be an int or an array of shape ({n},), got shape {t.shape}")
-    if num_classes is not None:
-        try:
-            tn = np.asarray(t)
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return t.astype(jnp.int32)
-        if tn.min() < 0 or tn.max() >= num_classes:
-            raise ValueError(f"targets must be in [0, {num_classes}), got values in [{tn.min()}, {tn.max()}]")
-    return t.astype(jnp.int32)
-
-
-def _prepare(classifier_fn, images, targets):
-    images = check_images(images)
-    if not callable(classifier_fn):
-        raise ValueError(f"classifier_fn must be callable, got {type(classifier_fn)}")
-    num_classes = _num_classes(classifier_fn, images) if targets is not None else None
-    return images, check_targets(targets, images.shape[0], num_classes)
-
-
-def target_score(logits: jax.Array, targets: jax.Array, score: str = "logit") -> jax.Array:
-    """[N] score of each image's target class: its logit, softmax probability or log-probability."""
-    if score == "prob":
-        logits = jax.nn.softmax(logits, axis=-1)
-    elif score == "log_prob":
-        logits = jax.nn.log_softmax(logits, axis=-1)
-    elif score != "logit":
-        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
-    return jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=1)[:, 0]
-
-
-def _resolve(logits, targets):
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32) if targets is None else targets
+# Shared pieces (the input checks live in viscoin_jax.checks, the scores in viscoin_jax.scores)
 
 
 def _score_grad(classifier_fn, x, targets, score, has_aux=False):
@@ -127,8 +51,8 @@ def _score_grad(classifier_fn, x, targets, score, has_aux=False):
         logits, vjp_fn, aux = jax.vjp(classifier_fn, x, has_aux=True)
     else:
         logits, vjp_fn = jax.vjp(classifier_fn, x)
-    t = _resolve(jax.lax.stop_gradient(logits), targets)
-    cot = jax.grad(lambda l: jnp.sum(target_score(l, t, score)))(logits)
+    t = resolve_targets(jax.lax.stop_gradient(logits), targets)
+    cot = jax.grad(lambda l: jnp.sum(class_score(l, t, score)))(logits)
     (g,) = vjp_fn(cot)
     return (g, logits, t, aux) if has_aux else (g, logits, t)
 
@@ -155,40 +79,9 @@ def _weighted_sum(fn: Callable, xs: jax.Array, weights: jax.Array, batch_size: i
     return acc
 
 
-def reduce_channels(attributions, mode: str | None) -> jax.Array:
-    """[N, H, W, C] -> [N, H, W]: "sum" (signed, IG's pixel attribution), "abs_sum", "abs_max"
-    (max |a| over channels, Simonyan et al.'s saliency map), "max" (signed max) or "l2"; None
-    returns the input unchanged."""
-    a = jnp.asarray(attributions)
-    if mode is None:
-        return a
-    if a.ndim != 4:
-        raise ValueError(f"attributions to reduce must be [N, H, W, C], got shape {a.shape}")
-    if mode == "sum":
-        return jnp.sum(a, axis=-1)
-    if mode == "abs_sum":
-        return jnp.sum(jnp.abs(a), axis=-1)
-    if mode == "abs_max":
-        return jnp.max(jnp.abs(a), axis=-1)
-    if mode == "max":
-        return jnp.max(a, axis=-1)
-    if mode == "l2":
-        return jnp.sqrt(jnp.sum(jnp.square(a), axis=-1))
-    raise ValueError(f"unknown reduce mode {mode!r}; expected None or one of {REDUCTIONS}")
-
-
 def _check_reduce(reduce):
     if reduce is not None:
-        _check_choice(reduce, REDUCTIONS, "reduce mode")
-
-
-def _broadcast_to_images(value, images, name):
-    """A scalar or an array broadcastable to images' shape, as an array of images' shape/dtype."""
-    v = jnp.asarray(value, dtype=images.dtype)
-    try:
-        return jnp.broadcast_to(v, images.shape)
-    except ValueError:
-        raise ValueError(f"{name} must be a scalar or broadcastable to {images.shape}, got shape {v.shape}") from None
+        check_choice(reduce, REDUCTIONS, "reduce mode")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +94,8 @@ def vanilla_gradient(classifier_fn: ClassifierFn, images, targets=None, *, score
 
     Returns [N, H, W, C], or [N, H, W] with `reduce` (e.g. "abs_max" for the classic saliency map).
     """
-    images, targets = _prepare(classifier_fn, images, targets)
-    _check_choice(score, SCORES, "score")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    check_choice(score, SCORES, "score")
     _check_reduce(reduce)
     return _vanilla_gradient(classifier_fn, images, targets, score, reduce)
 
@@ -211,15 +104,6 @@ def vanilla_gradient(classifier_fn: ClassifierFn, images, targets=None, *, score
 def _vanilla_gradient(classifier_fn, images, targets, score, reduce):
     g, _, _ = _score_grad(classifier_fn, images, targets, score)
     return reduce_channels(g, reduce)
-
-
-def _as_key(key):
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,)):
-        return key
-    raise ValueError(f"key must be an int seed or a jax.random key, got {key.dtype} {key.shape}")
 
 
 def smoothgrad(classifier_fn: ClassifierFn, images, targets=None, *, key=0, num_samples: int = 32,
@@ -233,24 +117,24 @@ def smoothgrad(classifier_fn: ClassifierFn, images, targets=None, *, key=0, num_
     the default threefry keys, do not depend on batch_size ("rbg" keys change values under vmap).
     The target class is fixed from the clean images (argmax if None).
     """
-    images, targets = _prepare(classifier_fn, images, targets)
-    _check_choice(score, SCORES, "score")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    check_choice(score, SCORES, "score")
     _check_reduce(reduce)
-    num_samples = _check_positive_int(num_samples, "num_samples")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if not np.isfinite(noise_level) or noise_level < 0:
         raise ValueError(f"noise_level must be a finite fraction >= 0, got {noise_level}")
     lo, hi = value_range
     if not hi > lo:
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
     sigma = float(noise_level) * float(hi - lo)
-    return _smoothgrad(classifier_fn, images, targets, _as_key(key), num_samples, sigma, score, reduce,
+    return _smoothgrad(classifier_fn, images, targets, as_key(key), num_samples, sigma, score, reduce,
                        batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("classifier_fn", "num_samples", "score", "reduce", "batch_size"))
 def _smoothgrad(classifier_fn, images, targets, key, num_samples, sigma, score, reduce, batch_size):
-    targets = _resolve(classifier_fn(images), targets)
+    targets = resolve_targets(classifier_fn(images), targets)
 
     def grad_at(s):
         noise = sigma * jax.random.normal(jax.random.fold_in(key, s), images.shape, images.dtype)
@@ -268,8 +152,8 @@ def integration_points(num_steps: int, rule: str = "trapezoid") -> tuple[np.ndar
     gradient is linear along the path), "right"/"left": the m right/left end points, "midpoint":
     the m interval centres (second order).
     """
-    m = _check_positive_int(num_steps, "num_steps")
-    _check_choice(rule, IG_RULES, "integration rule")
+    m = check_positive_int(num_steps, "num_steps")
+    check_choice(rule, IG_RULES, "integration rule")
     if rule == "trapezoid":
         alphas = np.arange(m + 1) / m
         weights = np.full(m + 1, 1.0 / m)
@@ -291,19 +175,19 @@ def integrated_gradients(classifier_fn: ClassifierFn, images, targets=None, *, b
     The default baseline 0 is mid-grey in [-1, 1]; `baseline` may be a scalar or an array
     broadcastable to the images (e.g. a blurred copy). The target class is fixed from the images.
     """
-    images, targets = _prepare(classifier_fn, images, targets)
-    _check_choice(score, SCORES, "score")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    check_choice(score, SCORES, "score")
     _check_reduce(reduce)
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     alphas, weights = integration_points(num_steps, rule)
-    baseline = _broadcast_to_images(baseline, images, "baseline")
+    baseline = broadcast_to_images(baseline, images, "baseline")
     return _integrated_gradients(classifier_fn, images, targets, baseline, jnp.asarray(alphas, images.dtype),
                                  jnp.asarray(weights, images.dtype), score, reduce, batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("classifier_fn", "score", "reduce", "batch_size"))
 def _integrated_gradients(classifier_fn, images, targets, baseline, alphas, weights, score, reduce, batch_size):
-    targets = _resolve(classifier_fn(images), targets)
+    targets = resolve_targets(classifier_fn(images), targets)
     delta = images - baseline
 
     def grad_at(a):
@@ -316,14 +200,14 @@ def _integrated_gradients(classifier_fn, images, targets, baseline, alphas, weig
 def completeness_gap(classifier_fn: ClassifierFn, images, attributions, targets=None, *, baseline=0.0,
                      score: str = "logit") -> jax.Array:
     """[N] sum(attributions) - (F(x) - F(baseline)): how far IG is from completeness (0 = exact)."""
-    images, targets = _prepare(classifier_fn, images, targets)
-    baseline = _broadcast_to_images(baseline, images, "baseline")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    baseline = broadcast_to_images(baseline, images, "baseline")
     attributions = jnp.asarray(attributions)
     if attributions.shape[0] != images.shape[0]:
         raise ValueError(f"attributions batch {attributions.shape[0]} != images batch {images.shape[0]}")
     logits = classifier_fn(images)
-    t = _resolve(logits, targets)
-    diff = target_score(logits, t, score) - target_score(classifier_fn(baseline), t, score)
+    t = resolve_targets(logits, targets)
+    diff = class_score(logits, t, score) - class_score(classifier_fn(baseline), t, score)
     return jnp.sum(attributions.reshape(attributions.shape[0], -1), axis=1) - diff
 
 
@@ -342,8 +226,8 @@ def grad_cam_from_features(head_fn: Callable[[jax.Array], jax.Array], feature_ma
     a = jnp.asarray(feature_map)
     if a.ndim != 4 or not jnp.issubdtype(a.dtype, jnp.floating):
         raise ValueError(f"feature_map must be a floating [N, h, w, K] array, got {a.dtype} {a.shape}")
-    _check_choice(score, SCORES, "score")
-    num_classes = _num_classes(head_fn, a) if targets is not None else None
+    check_choice(score, SCORES, "score")
+    num_classes = scores.num_classes(head_fn, a) if targets is not None else None
     targets = check_targets(targets, a.shape[0], num_classes)
     output_size = _check_output_size(output_size)
     return _grad_cam_from_features(head_fn, a, targets, output_size, score, relu)
@@ -354,7 +238,7 @@ def _check_output_size(output_size):
         return None
     if len(output_size) != 2:
         raise ValueError(f"output_size must be (H, W), got {output_size}")
-    return tuple(_check_positive_int(s, "output_size") for s in output_size)
+    return tuple(check_positive_int(s, "output_size") for s in output_size)
 
 
 def _cam(a, g, output_size, relu):
@@ -379,11 +263,11 @@ def grad_cam_split(trunk_fn: Callable[[jax.Array], jax.Array], head_fn: Callable
     """Grad-CAM for a classifier written as head_fn(trunk_fn(images)); maps [N, H, W] (or [N, h, w]
     at the feature resolution with upsample=False)."""
     images = check_images(images)
-    _check_choice(score, SCORES, "score")
+    check_choice(score, SCORES, "score")
     a = jax.eval_shape(trunk_fn, jax.ShapeDtypeStruct(images.shape, images.dtype))
     if len(getattr(a, "shape", ())) != 4 or a.shape[0] != images.shape[0]:
         raise ValueError(f"trunk_fn must return a feature map [N, h, w, K], got {getattr(a, 'shape', type(a))}")
-    num_classes = _num_classes(head_fn, a) if targets is not None else None
+    num_classes = scores.num_classes(head_fn, a) if targets is not None else None
     targets = check_targets(targets, images.shape[0], num_classes)
     return _grad_cam_split(trunk_fn, head_fn, images, targets, score, relu, upsample)
 
@@ -407,7 +291,7 @@ def grad_cam(features_and_logits_fn: Callable, images, layer: str, targets=None,
     later layers cannot be probed: use `grad_cam_split` for such models.
     """
     images = check_images(images)
-    _check_choice(score, SCORES, "score")
+    check_choice(score, SCORES, "score")
     paths = _output_paths(features_and_logits_fn, images, layer)
     num_classes = paths[2] if targets is not None else None
     targets = check_targets(targets, images.shape[0], num_classes)
@@ -556,7 +440,7 @@ def _pair(value, name):
         value = (value, value)
     if len(value) != 2:
         raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-    return tuple(_check_positive_int(v, name) for v in value)
+    return tuple(check_positive_int(v, name) for v in value)
 
 
 def occlusion_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -578,9 +462,9 @@ def occlusion(classifier_fn: ClassifierFn, images, targets=None, *, patch_size=8
     is covered).
     fill_value: scalar (0 = mid-grey) or an array broadcastable to the images (e.g. a blurred copy).
     """
-    images, targets = _prepare(classifier_fn, images, targets)
-    _check_choice(score, SCORES, "score")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    check_choice(score, SCORES, "score")
+    batch_size = check_positive_int(batch_size, "batch_size")
     ph, pw = _pair(patch_size, "patch_size")
     sh, sw = _pair(stride, "stride")
     h, w = images.shape[1:3]
@@ -593,7 +477,7 @@ def occlusion(classifier_fn: ClassifierFn, images, targets=None, *, patch_size=8
     counts = np.zeros((h, w))
     for r, c in positions:
         counts[r:r + ph, c:c + pw] += 1
-    fill = _broadcast_to_images(fill_value, images, "fill_value")
+    fill = broadcast_to_images(fill_value, images, "fill_value")
     total = _occlusion_sum(classifier_fn, images, targets, fill, jnp.asarray(positions), (ph, pw), score,
                            batch_size)
     return total / jnp.asarray(counts, total.dtype)
@@ -602,8 +486,8 @@ def occlusion(classifier_fn: ClassifierFn, images, targets=None, *, patch_size=8
 @functools.partial(jax.jit, static_argnames=("classifier_fn", "patch", "score", "batch_size"))
 def _occlusion_sum(classifier_fn, images, targets, fill, positions, patch, score, batch_size):
     logits = classifier_fn(images)
-    targets = _resolve(logits, targets)
-    base = target_score(logits, targets, score)
+    targets = resolve_targets(logits, targets)
+    base = class_score(logits, targets, score)
     h, w = images.shape[1:3]
     rows = jnp.arange(h)[:, None]
     cols = jnp.arange(w)[None, :]
@@ -611,31 +495,11 @@ def _occlusion_sum(classifier_fn, images, targets, fill, positions, patch, score
     def drop_at(pos):
         mask = ((rows >= pos[0]) & (rows < pos[0] + patch[0]) & (cols >= pos[1]) & (cols < pos[1] + patch[1]))
         occluded = jnp.where(mask[None, :, :, None], fill, images)
-        drop = base - target_score(classifier_fn(occluded), targets, score)
+        drop = base - class_score(classifier_fn(occluded), targets, score)
         return drop[:, None, None] * mask[None].astype(images.dtype)
 
     weights = jnp.ones((positions.shape[0],), images.dtype)
     return _weighted_sum(drop_at, positions, weights, batch_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Display helper
-
-
-def normalize_maps(maps, *, absolute: bool = False, eps: float = 1e-12) -> jax.Array:
-    """Per-map rescaling to [0, 1] (min-max, or |m| / max |m| with absolute=True) for display and
-    comparison; a constant map becomes zeros."""
-    m = jnp.asarray(maps)
-    if m.ndim < 2:
-        raise ValueError(f"maps must be [N, ...], got shape {m.shape}")
-    axes = tuple(range(1, m.ndim))
-    if absolute:
-        m = jnp.abs(m)
-        lo = jnp.zeros_like(jnp.min(m, axis=axes, keepdims=True))
-    else:
-        lo = jnp.min(m, axis=axes, keepdims=True)
-    span = jnp.max(m, axis=axes, keepdims=True) - lo
-    return jnp.where(span > eps, (m - lo) / jnp.where(span > eps, span, 1.0), 0.0)
 
 
 ATTRIBUTION_METHODS: dict[str, Callable] = {
@@ -656,7 +520,7 @@ def get_method(name: str) -> Callable:
 
 __all__ = [
     "SCORES", "REDUCTIONS", "IG_RULES", "ATTRIBUTION_METHODS", "check_images", "check_targets",
-    "target_score", "reduce_channels", "vanilla_gradient", "smoothgrad", "integration_points",
+    "class_score", "reduce_channels", "vanilla_gradient", "smoothgrad", "integration_points",
     "integrated_gradients", "completeness_gap", "grad_cam", "grad_cam_split", "grad_cam_from_features",
     "occlusion", "occlusion_starts", "normalize_maps", "get_method",
 ]

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .latent_direction import SCORES, check_class_range, check_single_ws, class_score, map_in_chunks
+from ..checks import check_class_range, check_single_ws
+from ..scores import SCORES, class_score
+from .latent_direction import map_in_chunks
 
 SynthesisFn = Callable[[jax.Array], jax.Array]
 ClassifierFn = Callable[[jax.Array], jax.Array]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .latent_direction import check_class_range, check_images, class_indices
+from ..checks import check_class_range, check_rgb_images, class_indices
 
 EncodeFn = Callable[[jax.Array], jax.Array]
 HeadFn = Callable[[jax.Array], jax.Array]
@@ -43,7 +43,7 @@ def class_means(
     Streams over `batch_size` images at a time (one compiled step). A class with no image gets a
     NaN mean, so using it downstream raises instead of silently moving towards zero.
     """
-    images = check_images(images)
+    images = check_rgb_images(images)
     labels = class_indices(labels, images.shape[0], "labels", allow_scalar=False)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -238,7 +238,7 @@ def counterfactuals(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    images = check_images(images)
+    images = check_rgb_images(images)
     n = images.shape[0]
     target = class_indices(target, n, "target")
     source = None if source is None else class_indices(source, n, "source")

@@ -28,58 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..checks import check_class_range, check_single_ws, check_ws, class_indices
+from ..scores import SCORES, class_score
+
 SynthesisFn = Callable[[jax.Array], jax.Array]
 MappingFn = Callable[[jax.Array], jax.Array]
 ClassifierFn = Callable[[jax.Array], jax.Array]
-
-SCORES = ("logit", "log_prob", "prob")
-
-
-# --------------------------------------------------------------------------------------------------
-# Small shared helpers (also used by the other explanation modules)
-
-
-def check_ws(ws, name: str = "ws") -> jax.Array:
-    """Returns ws as a float array [N, num_ws, w_dim], raising ValueError for anything else."""
-    ws = jnp.asarray(ws)
-    if ws.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D [N, num_ws, w_dim] array, got shape {ws.shape}")
-    if not jnp.issubdtype(ws.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {ws.dtype}")
-    return ws
-
-
-def check_single_ws(ws, name: str = "ws") -> jax.Array:
-    """Accepts one latent as [num_ws, w_dim] or [1, num_ws, w_dim]; returns [num_ws, w_dim]."""
-    ws = jnp.asarray(ws)
-    if ws.ndim == 3 and ws.shape[0] == 1:
-        ws = ws[0]
-    if ws.ndim != 2:
-        raise ValueError(f"{name} must be one latent of shape [num_ws, w_dim] or [1, num_ws, w_dim], got {ws.shape}")
-    if not jnp.issubdtype(ws.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {ws.dtype}")
-    return ws
-
-
-def check_images(images, name: str = "images") -> jax.Array:
-    """Returns images as a float array [N, H, W, 3], raising ValueError for anything else."""
-    images = jnp.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{name} must be a [N, H, W, 3] array, got shape {images.shape}")
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {images.dtype}")
-    return images
-
-
-def class_score(logits: jax.Array, classes: jax.Array, score: str = "logit") -> jax.Array:
-    """Per-sample score of `classes` ([N] int) from logits [N, C]: the logit, log-probability or probability."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if score == "log_prob":
-        logits = jax.nn.log_softmax(logits, axis=-1)
-    elif score == "prob":
-        logits = jax.nn.softmax(logits, axis=-1)
-    return jnp.take_along_axis(logits, classes[:, None], axis=-1)[:, 0]
 
 
 def map_in_chunks(fn: Callable, x, batch_size: int | None):
@@ -103,33 +57,6 @@ def map_in_chunks(fn: Callable, x, batch_size: int | None):
 
     out = jax.lax.map(fn, jax.tree.map(chunk, x))
     return jax.tree.map(lambda a: a.reshape((num_chunks * batch_size,) + a.shape[2:])[:n], out)
-
-
-def class_indices(classes, n: int, name: str = "target_class", allow_scalar: bool = True) -> np.ndarray:
-    """Concrete class indices [n] (int32) from an [n] array (or a scalar if allowed); ValueError otherwise."""
-    t = np.asarray(classes)
-    if not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"{name} must be integer, got {t.dtype}")
-    if t.ndim == 0 and allow_scalar:
-        t = np.full((n,), t)
-    if t.shape != (n,):
-        what = "a scalar or an array of shape" if allow_scalar else "an array of shape"
-        raise ValueError(f"{name} must be {what} ({n},), got shape {t.shape}")
-    return t.astype(np.int32)
-
-
-def concrete(x) -> np.ndarray | None:
-    """x as a numpy array, or None while x is being traced (checks on values are then skipped)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def check_class_range(classes: np.ndarray, num_classes: int, name: str = "target_class") -> None:
-    """ValueError if any concrete class index is outside [0, num_classes) (checked while tracing)."""
-    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ValueError(f"{name} out of range for {num_classes} classes: {np.unique(classes).tolist()}")
 
 
 def _normalise(v: jax.Array, axes) -> jax.Array:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .latent_direction import check_images, check_ws
+from ..checks import check_rgb_images, check_ws
 
 SynthesisFn = Callable[[jax.Array], jax.Array]
 PerceptualFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -152,7 +152,7 @@ def project(
     `estimate_w_stats`); `key` seeds it (default key 0). `perceptual_fn(images, target) -> [N]`
     (e.g. LPIPS) is optional; without it the loss is the pixel L2 term only.
     """
-    target = check_images(target, "target").astype(jnp.float32)
+    target = check_rgb_images(target, "target").astype(jnp.float32)
     n = target.shape[0]
     if init_ws is not None:
         ws0 = check_ws(init_ws, "init_ws").astype(jnp.float32)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
 from .report import Report, save_arrays
 
@@ -75,7 +76,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
         raise ValueError(f"unknown VisCoIN methods {unknown}; known: {VISCOIN_METHODS}")
     fns = viscoin_apply(task, state)
     concepts_fn, head_fn = jax.jit(fns.concepts_fn), jax.jit(fns.head_fn)
-    decode = jax.jit(lambda phi, phi_prime: concepts_lib.decode_concepts(fns.translator_fn, fns.synthesis_fn,
+    decode = jax.jit(lambda phi, phi_prime: concept_ops.decode_concepts(fns.translator_fn, fns.synthesis_fn,
                                                                          phi, phi_prime))
     images = jnp.asarray(data["images"])
     phi, phi_prime = concepts_fn(images)
@@ -98,7 +99,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
     if "concepts" in methods:
         t0 = time.perf_counter()
         k = min(settings.top_k, int(phi.shape[-1]))
-        relevance = np.asarray(concepts_lib.concept_relevance(phi, fns.head_weight, g_pred))
+        relevance = np.asarray(concept_ops.concept_relevance(phi, fns.head_weight, g_pred))
         top_r, top_ids = (np.asarray(a) for a in concepts_lib.top_concepts(relevance, k))
         shown = min(n, settings.max_images_drawn)
         drawings = np.asarray(concepts_lib.concept_visualisation(
@@ -111,7 +112,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
         # class-level relevance and top-activating images, over training images
         train_phi = np.concatenate([np.asarray(concepts_fn(b)[0]) for b in _batches(train_x, 64)])
         train_pred = np.concatenate([np.asarray(head_fn(p)) for p in _batches(train_phi, 256)]).argmax(-1)
-        train_rel = concepts_lib.concept_relevance(train_phi, fns.head_weight, train_pred)
+        train_rel = concept_ops.concept_relevance(train_phi, fns.head_weight, train_pred)
         class_rel, counts = (np.asarray(a) for a in concepts_lib.class_relevance(
             train_rel, train_pred, int(fns.head_weight.shape[1])))
         report.add_table([[c, int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]] for c in range(len(counts))],

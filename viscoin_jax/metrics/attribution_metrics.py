@@ -8,7 +8,7 @@
   them by a baseline) and watch the target probability fall (low AUC = good), or insert them into
   the baseline and watch it rise (high AUC = good).
 
-Maps are [N, H, W] (reduce channels first, see `viscoin_jax.explain.attributions.reduce_channels`).
+Maps are [N, H, W] (reduce channels first, see `viscoin_jax.metrics.maps.reduce_channels`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viscoin_jax.explain.attributions import (SCORES, _as_key, _broadcast_to_images, _check_choice,
-                                              _check_positive_int, _prepare, _resolve, check_images,
-                                              normalize_maps, reduce_channels, target_score)
+from ..checks import as_key, broadcast_to_images, check_choice, check_images, check_positive_int
+from ..scores import SCORES, class_score, prepare_targets, resolve_targets
+from .maps import normalize_maps, reduce_channels
 
 # ----------------------------------------------------------------------------------------------
 # Rank correlation and SSIM
@@ -80,7 +80,7 @@ def ssim(a, b, *, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"a and b must be maps [N, H, W] of the same shape, got {a.shape} and {b.shape}")
-    win_size = _check_positive_int(win_size, "win_size")
+    win_size = check_positive_int(win_size, "win_size")
     if min(a.shape[1:]) < win_size:
         raise ValueError(f"maps {a.shape[1:]} are smaller than the SSIM window {win_size}")
     window = jnp.asarray(_gaussian_window(win_size, sigma), jnp.float32)
@@ -158,7 +158,7 @@ def randomise_params(params, key, *, from_top: bool = True, n_layers: int | None
     leaves change. Pass trainable parameters only (e.g. `nnx.state(model, nnx.Param)`), not batch-norm
     statistics, whose variances must stay positive.
     """
-    key = _as_key(key)
+    key = as_key(key)
     layers = param_groups(params) if layers is None else [str(layer) for layer in layers]
     if not layers:
         raise ValueError("layers is empty")
@@ -167,7 +167,7 @@ def randomise_params(params, key, *, from_top: bool = True, n_layers: int | None
     if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or not 0 <= n_layers <= len(layers):
         raise ValueError(f"n_layers must be an integer in [0, {len(layers)}], got {n_layers!r}")
     if isinstance(method, str):
-        _check_choice(method, RANDOMISATIONS, "randomisation method")
+        check_choice(method, RANDOMISATIONS, "randomisation method")
     elif not callable(method):
         raise ValueError(f"method must be one of {RANDOMISATIONS} or a callable, got {method!r}")
     chosen = set(layers[len(layers) - n_layers:] if from_top else layers[:n_layers])
@@ -270,7 +270,7 @@ def model_randomisation_check(attribution_fn: Callable, params_trained, params_r
         raise ValueError("attribution_fn and apply_fn must be callable")
     if jax.tree.structure(params_trained) != jax.tree.structure(params_random):
         raise ValueError("params_trained and params_random must have the same tree structure")
-    _, targets = _prepare(functools.partial(apply_fn, params_trained), images, targets)
+    _, targets = prepare_targets(functools.partial(apply_fn, params_trained), images, targets)
     if targets is None:
         targets = jnp.argmax(apply_fn(params_trained, images), axis=-1).astype(jnp.int32)
 
@@ -314,18 +314,18 @@ def deletion_insertion(classifier_fn: Callable, images, saliency, targets=None, 
     start from the baseline). baseline: scalar (0 = mid-grey) or array broadcastable to the images
     (RISE inserts into a blurred copy). Targets are fixed from the intact images (argmax if None).
     """
-    images, targets = _prepare(classifier_fn, images, targets)
-    _check_choice(mode, ("deletion", "insertion"), "mode")
-    _check_choice(score, SCORES, "score")
-    num_steps = _check_positive_int(num_steps, "num_steps")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    images, targets = prepare_targets(classifier_fn, images, targets)
+    check_choice(mode, ("deletion", "insertion"), "mode")
+    check_choice(score, SCORES, "score")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
     saliency = jnp.asarray(saliency)
     if saliency.shape != images.shape[:3]:
         raise ValueError(f"saliency must be [N, H, W] = {images.shape[:3]}, got {saliency.shape}; "
-                         "reduce channels first (attributions.reduce_channels)")
+                         "reduce channels first (metrics.maps.reduce_channels)")
     if not np.all(np.isfinite(np.asarray(saliency))):
         raise ValueError("saliency has non-finite values")
-    baseline = _broadcast_to_images(baseline, images, "baseline")
+    baseline = broadcast_to_images(baseline, images, "baseline")
     hw = images.shape[1] * images.shape[2]
     counts = (np.arange(num_steps + 1) * hw) // num_steps
     scores = _curves(classifier_fn, images, saliency, targets, baseline, jnp.asarray(counts, jnp.int32),
@@ -339,14 +339,14 @@ def deletion_insertion(classifier_fn: Callable, images, saliency, targets=None, 
 @functools.partial(jax.jit, static_argnames=("classifier_fn", "delete", "score", "batch_size"))
 def _curves(classifier_fn, images, saliency, targets, baseline, counts, delete, score, batch_size):
     n, h, w, _ = images.shape
-    targets = _resolve(classifier_fn(images), targets)
+    targets = resolve_targets(classifier_fn(images), targets)
     order = jnp.argsort(-saliency.reshape(n, h * w), axis=1, stable=True)
     ranks = jnp.argsort(order, axis=1, stable=True).reshape(n, h, w, 1)  # 0 = most salient
 
     def at(count):
         mask = ranks < count
         x = jnp.where(mask, baseline, images) if delete else jnp.where(mask, images, baseline)
-        return target_score(classifier_fn(x), targets, score)
+        return class_score(classifier_fn(x), targets, score)
 
     return jax.lax.map(at, counts, batch_size=min(batch_size, counts.shape[0])).T
 

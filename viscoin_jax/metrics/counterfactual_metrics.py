@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..explain.latent_direction import check_images
+from ..checks import check_rgb_images
 
 PerceptualFn = Callable[[jax.Array, jax.Array], jax.Array]
 MeasureFn = Callable[[jax.Array], Mapping[str, jax.Array]]
@@ -75,8 +75,8 @@ def proximity(images, counterfactuals, *, perceptual_fn: PerceptualFn | None = N
     "perceptual" (perceptual_fn(x, x') -> [N]) is present only when perceptual_fn is given. Images
     are in [-1, 1], so "l1" lies in [0, 2].
     """
-    images = check_images(images)
-    counterfactuals = check_images(counterfactuals, "counterfactuals")
+    images = check_rgb_images(images)
+    counterfactuals = check_rgb_images(counterfactuals, "counterfactuals")
     if images.shape != counterfactuals.shape:
         raise ValueError(f"images {images.shape} and counterfactuals {counterfactuals.shape} differ in shape")
     out = {"l1": np.asarray(_l1(images, counterfactuals))}
@@ -201,8 +201,8 @@ def factor_change_analysis(
     `outcomes_fn(measured_before, measured_after) -> {name: [N] bool}` gives the `outcomes`
     (e.g. `data.synthetic.measurement_outcomes`: blob removed, colour ambiguous).
     """
-    images = check_images(images)
-    counterfactuals = check_images(counterfactuals, "counterfactuals")
+    images = check_rgb_images(images)
+    counterfactuals = check_rgb_images(counterfactuals, "counterfactuals")
     if images.shape != counterfactuals.shape:
         raise ValueError(f"images {images.shape} and counterfactuals {counterfactuals.shape} differ in shape")
     before, after = measure_factors(images), measure_factors(counterfactuals)

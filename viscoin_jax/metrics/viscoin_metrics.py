@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..explain.concepts import check_phi, concept_relevance, decode_concepts, scale_concepts
-from ..explain.latent_direction import check_images, class_score
+from ..checks import check_phi, check_rgb_images
+from ..models.concepts import concept_relevance, decode_concepts, scale_concepts
+from ..scores import class_score
 
 ConceptsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 HeadFn = Callable[[jax.Array], jax.Array]
@@ -51,7 +52,7 @@ def _batch_images(batch) -> jax.Array:
         if "image" not in batch:
             raise ValueError("a batch dict must have an 'image' entry")
         batch = batch["image"]
-    return check_images(batch)
+    return check_rgb_images(batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def faithfulness_batch(
     c is g's prediction on x; relevances are for c; concepts with r_k >= tau are removed. `score` picks what g(.)_c is: "prob" (softmax
     probability, default), "logit" or "log_prob".
     """
-    images = check_images(images)
+    images = check_rgb_images(images)
     taus = jnp.asarray(taus, jnp.float32).reshape(-1)
 
     def g(x):
@@ -285,7 +286,7 @@ def concept_pair_features(
     Returns (plus [J, N, D], minus [J, N, D], activation [J, N] = maxpool(phi_k)). `feature_fn` gives
     the classifier's stage-2 features; 4-D outputs are spatially averaged.
     """
-    images = check_images(images)
+    images = check_rgb_images(images)
     concept_ids = jnp.asarray(concept_ids, jnp.int32)
     phi, phi_prime = concepts_fn(images)
     phi = check_phi(phi, "concepts_fn output phi")

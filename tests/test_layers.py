@@ -1,0 +1,76 @@
+"""The package's layers point one way: kernels <- models <- data/convert <- metrics <- explain <-
+training <- reports/CLI. Read from the source with `ast` (every import, including ones inside
+functions), so a forbidden import fails here before it turns into an import cycle."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "viscoin_jax"
+
+# package -> packages (top-level modules of viscoin_jax) it must never import
+FORBIDDEN = {
+    "checks": {"models", "data", "convert", "metrics", "explain", "training"},
+    "scores": {"models", "data", "convert", "metrics", "explain", "training"},
+    "kernels": {"models", "data", "convert", "metrics", "explain", "training"},
+    "models": {"data", "convert", "metrics", "explain", "training"},
+    "data": {"metrics", "explain", "training"},
+    "convert": {"metrics", "explain", "training"},
+    "metrics": {"explain", "training"},
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Second-level names under viscoin_jax that `path` imports (absolute or relative)."""
+    module = _module_name(path)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "viscoin_jax" and len(parts) > 1:
+                out.add(parts[1])
+    return out
+
+
+def test_the_import_reader_resolves_relative_and_absolute_imports(tmp_path):
+    pkg = tmp_path / "viscoin_jax" / "metrics"
+    pkg.mkdir(parents=True)
+    f = pkg / "x.py"
+    f.write_text("from ..explain import run\nfrom . import maps\nimport viscoin_jax.training.loop\n"
+                 "def g():\n    from ..models.concepts import scale_concepts\n")
+    global ROOT
+    old, ROOT = ROOT, tmp_path
+    try:
+        assert imported_packages(f) == {"explain", "metrics", "training", "models"}
+    finally:
+        ROOT = old
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_a_layer_never_imports_the_layers_above_it(layer):
+    where = ROOT / "kernels" if layer == "kernels" else PACKAGE / layer  # kernels/ installs as viscoin_jax.kernels
+    files = [PACKAGE / f"{layer}.py"] if (PACKAGE / f"{layer}.py").exists() else sorted(where.rglob("*.py"))
+    assert files
+    bad = {str(f.relative_to(ROOT)): sorted(imported_packages(f) & FORBIDDEN[layer]) for f in files}
+    assert not {k: v for k, v in bad.items() if v}
