@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from viscoin_jax.explain import run as explain_run
+from viscoin_jax.cli import explain as explain_run
+from viscoin_jax.explain.classifier_report import cascade_layers, explain_classifier
+from viscoin_jax.training.classifier import explanation_bundle
 from viscoin_jax.training import classifier
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
@@ -59,8 +61,8 @@ def test_explain_maps_equal_the_library_functions(checkpoint, tmp_path):
 
     task, state, config, _ = restore_task_state(checkpoint)
     data = explain_run.load_images("synthetic/blob_binary:test:2", 32)
-    explain_run.explain_classifier(task, state, data, ["gradient"], Report("t"), tmp_path)
-    fn, _ = explain_run.classifier_functions(task, state)
+    explain_classifier(explanation_bundle(task, state), data, ["gradient"], Report("t"), tmp_path)
+    fn = explanation_bundle(task, state).classifier_fn
     pred = np.asarray(fn(data["images"])).argmax(-1)
     expected = np.asarray(attr.vanilla_gradient(fn, data["images"], pred, reduce="abs_max"))
     with np.load(tmp_path / "gradient.npz") as arrays:
@@ -75,7 +77,7 @@ def test_bad_input_gives_clear_errors(checkpoint, tmp_path):
     np.savez(npz, images=np.zeros((2, 32, 32, 1), np.uint8))
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\] RGB"):
         explain_run.explain(str(checkpoint), str(npz), ["gradient"], str(tmp_path / "o"))
-    with pytest.raises(ValueError, match="needs an i-ResNet checkpoint"):
+    with pytest.raises(ValueError, match="iresnet_counterfactual does not apply to a ResNet classifier; it needs an i-ResNet"):
         explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["iresnet_counterfactual"],
                             str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -110,11 +112,11 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
 
     task, state, config, _ = restore_task_state(checkpoint)
     data = explain_run.load_images("synthetic/blob_binary:test:3", 32)
-    layers = explain_run.cascade_layers("resnet", state["params"])
+    layers = cascade_layers("resnet", state["params"])
     assert layers == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
-    summary = explain_run.explain_classifier(task, state, data, ["gradient", "sanity_check", "deletion_insertion"],
-                                             Report("t"), tmp_path)
-    fn, _ = explain_run.classifier_functions(task, state)
+    bundle = explanation_bundle(task, state)
+    summary = explain_classifier(bundle, data, ["gradient", "sanity_check", "deletion_insertion"], Report("t"), tmp_path)
+    fn = bundle.classifier_fn
     x = data["images"]
     pred = np.asarray(fn(x)).argmax(-1)
     trained = np.abs(np.asarray(attr.vanilla_gradient(fn, x, pred, reduce="abs_max")))
@@ -128,7 +130,7 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
         params = jax.tree_util.tree_map_with_path(
             lambda path, t, r: r if str(getattr(path[0], "key", path[0])).startswith(top) else t,
             state["params"], full)
-        rfn, _ = explain_run.classifier_functions(task, dict(state, params=params))
+        rfn, _ = bundle.functions_of(params)
         rand = np.abs(np.asarray(attr.vanilla_gradient(rfn, x, pred, reduce="abs_max")))
         expected = [scipy.stats.spearmanr(trained[i].ravel(), rand[i].ravel())[0] for i in range(3)]
         np.testing.assert_allclose(rho[:, n - 1], expected, atol=2e-3)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from viscoin_jax.explain import run as explain_run
+from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.latent_report import LatentSettings, counterfactual_index
 from viscoin_jax.explain.viscoin_report import ConceptSettings
 from viscoin_jax.training import viscoin
@@ -121,9 +121,9 @@ def test_counterfactual_index_aims_past_the_boundary(confidence):
 
 def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
     clf, sg2, vis = runs
-    with pytest.raises(ValueError, match="need a generator"):
+    with pytest.raises(ValueError, match="latent_direction does not apply to a ResNet classifier; it needs a VisCoIN run or a classifier with --generator"):
         explain_run.explain(str(clf), "synthetic/blob_binary:test:2", ["latent_direction"], str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="need a VisCoIN checkpoint"):
+    with pytest.raises(ValueError, match="concepts does not apply to a ResNet classifier; it needs a VisCoIN run"):
         explain_run.explain(str(clf), "synthetic/blob_binary:test:2", ["concepts"], str(tmp_path / "a"))
     with pytest.raises(ValueError, match="unknown methods"):
         explain_run.explain(str(vis), "synthetic/blob_binary:test:2", ["concept"], str(tmp_path / "a"))
@@ -140,14 +140,14 @@ def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
 
 def test_what_g_draws_is_measured_on_real_generator_samples(runs, viscoin_report):
     from viscoin_jax.data.synthetic import colour_in_between, measure_factors
-    from viscoin_jax.explain.latent_report import models_from_generator
+    from viscoin_jax.training.stylegan2 import latent_models
 
     metrics = json.loads((viscoin_report / "metrics.json").read_text())
     with np.load(viscoin_report / "latent_direction.npz") as a:
         z, images, logits = a["sample_z"], a["sample_images"], a["sample_logits"]
     assert z.shape[0] == images.shape[0] == logits.shape[0] == 70  # 64 + a partial batch of 6
     # the images are the frozen G's (EMA weights, constant noise) at those latents
-    G = models_from_generator(str(runs[1]), lambda x: x)
+    G = latent_models(str(runs[1]), lambda x: x)
     np.testing.assert_allclose(images[-9:], np.asarray(G.synthesis_fn(G.mapping_fn(z[-9:]))), atol=2e-4)
     for c in range(logits.shape[1]):
         assert metrics[f"G samples f assigns to class {c}"] == pytest.approx(float(np.mean(logits.argmax(-1) == c)))

@@ -16,9 +16,10 @@ FORBIDDEN = {
     "scores": {"models", "data", "convert", "metrics", "explain", "training"},
     "kernels": {"models", "data", "convert", "metrics", "explain", "training"},
     "models": {"data", "convert", "metrics", "explain", "training"},
-    "data": {"metrics", "explain", "training"},
-    "convert": {"metrics", "explain", "training"},
-    "metrics": {"explain", "training"},
+    "data": {"metrics", "explain", "training", "cli", "pipeline", "results"},
+    "convert": {"metrics", "explain", "training", "cli", "pipeline", "results"},
+    "metrics": {"explain", "training", "cli", "pipeline", "results"},
+    "explain": {"training", "cli", "pipeline", "results"},
 }
 
 

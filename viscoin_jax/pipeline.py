@@ -125,7 +125,7 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
 def run_explanations(config: Any, workdir: Path) -> dict:
     """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
     from .explain.latent_report import LatentSettings
-    from .explain.run import explain
+    from .cli.explain import explain
     from .explain.viscoin_report import ConceptSettings
 
     e = config.explain

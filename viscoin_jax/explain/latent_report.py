@@ -19,33 +19,19 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import interpolation, latent_direction, projection
+from . import methods as registry
+from .bundles import LatentModels
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
 
-LATENT_METHODS = ("latent_direction", "latent_interpolation")
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentModels:
-    """The frozen models a latent method needs (pure callables; weights closed over)."""
-
-    synthesis_fn: Callable  # ws [N, num_ws, w_dim] -> images [N, R, R, 3] in [-1, 1]
-    mapping_fn: Callable  # z [N, z_dim] -> ws [N, num_ws, w_dim]
-    classifier_fn: Callable  # images -> f's logits [N, C]
-    z_dim: int
-    num_ws: int
-    resolution: int
-    perceptual_fn: Callable | None = None  # (images, target) -> [N] distances, for the projection
-    perceptual_name: str = "none (pixel loss only)"
-    init_ws_fn: Callable | None = None  # images -> ws: a warm start (VisCoIN's translator)
+LATENT_METHODS = registry.names(registry.LATENT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +44,6 @@ class LatentSettings:
     interpolation_steps: int = 7
     ig_steps: int = 33
     coverage_samples: int = 256  # random G samples whose classes (f) and measured factors are reported
-
-
-def models_from_generator(generator_workdir: str, classifier_fn: Callable) -> LatentModels:
-    """LatentModels of a StyleGAN2 run (EMA weights, constant noise) and any classifier function."""
-    from flax import nnx
-
-    from ..training import stylegan2
-
-    task, state, _ = stylegan2.load(generator_workdir)
-    G = stylegan2.generator_from_state(task, state, ema=True)
-    graphdef, g_state = nnx.split(G)
-
-    def synthesis_fn(ws):
-        return nnx.merge(graphdef, g_state).synthesis(ws, noise_mode="const")
-
-    def mapping_fn(z):
-        return nnx.merge(graphdef, g_state).mapping(z)
-
-    return LatentModels(synthesis_fn, mapping_fn, classifier_fn, int(G.z_dim), int(G.num_ws),
-                        int(G.img_resolution))
 
 
 def generated_samples(models: LatentModels, key: jax.Array, num_samples: int, batch_size: int = 64):
@@ -289,5 +255,5 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     return summary
 
 
-__all__ = ["LATENT_METHODS", "LatentModels", "LatentSettings", "models_from_generator", "generated_samples",
+__all__ = ["LATENT_METHODS", "LatentSettings", "generated_samples",
            "counterfactual_index", "explain_latent"]

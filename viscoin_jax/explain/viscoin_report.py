@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,11 +27,13 @@ import numpy as np
 
 from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
+from . import methods as registry
+from .bundles import VisCoINBundle
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
 
-VISCOIN_METHODS = ("concepts", "faithfulness", "consistency")
+VISCOIN_METHODS = registry.names(registry.CONCEPTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,35 +47,20 @@ class ConceptSettings:
     cc_test_images: int = 128  # held-out images (the run's test split) CC is tested on
 
 
-def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of a split of the run's data
-    set (default the training split), in order and without augmentation."""
-    from ..training import common
-
-    batch = int(config.eval.batch_size)
-    parts = list(common.eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split=split))
-    if not parts:
-        raise ValueError(f"the {split!r} split of {config.data.name} yielded no batches")
-    images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]
-    labels = np.concatenate([np.asarray(p["label"]) for p in parts])[:num_images]
-    return images.astype(np.float32), labels
-
-
 def _batches(images: np.ndarray, size: int) -> list[np.ndarray]:
     return [images[i:i + size] for i in range(0, len(images), size)]
 
 
-def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
+def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, out: Path,
                     settings: ConceptSettings = ConceptSettings(), *, variant: str | None = None) -> dict:
     """Runs the VisCoIN `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics."""
     from ..metrics import counterfactual_metrics as cfm
     from ..metrics import viscoin_metrics
-    from ..training.viscoin import viscoin_apply
 
     unknown = [m for m in methods if m not in VISCOIN_METHODS]
     if unknown:
         raise ValueError(f"unknown VisCoIN methods {unknown}; known: {VISCOIN_METHODS}")
-    fns = viscoin_apply(task, state)
+    fns = bundle.functions
     concepts_fn, head_fn = jax.jit(fns.concepts_fn), jax.jit(fns.head_fn)
     decode = jax.jit(lambda phi, phi_prime: concept_ops.decode_concepts(fns.translator_fn, fns.synthesis_fn,
                                                                          phi, phi_prime))
@@ -94,7 +80,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
                           cols=n)
     need_train = "concepts" in methods or "consistency" in methods
     if need_train:
-        train_x, _ = training_images(task.config, settings.num_training_images)
+        train_x, _ = bundle.training_images(settings.num_training_images, "train")
 
     if "concepts" in methods:
         t0 = time.perf_counter()
@@ -163,7 +149,7 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
 
     if "consistency" in methods:
         t0 = time.perf_counter()
-        test_x, _ = training_images(task.config, settings.cc_test_images, split="test")
+        test_x, _ = bundle.training_images(settings.cc_test_images, "test")
         cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(test_x, 64),
                                          concepts_fn=fns.concepts_fn, translator_fn=fns.translator_fn,
                                          synthesis_fn=fns.synthesis_fn, feature_fn=fns.features_fn,
@@ -182,22 +168,4 @@ def explain_viscoin(task, state, data: dict, methods, report: Report, out: Path,
     return summary
 
 
-def latent_models(task, state):
-    """The `latent_report.LatentModels` of a VisCoIN run: its f and G, the translator as warm start."""
-    from ..training.viscoin import viscoin_apply
-    from .latent_report import LatentModels
-
-    fns = viscoin_apply(task, state)
-
-    def mapping_fn(z):
-        return task._G().mapping(z)
-
-    def init_ws_fn(images):
-        return jax.jit(lambda x: fns.translator_fn(*fns.concepts_fn(x)))(images)
-
-    return LatentModels(fns.synthesis_fn, mapping_fn, fns.classifier_fn, task.z_dim, task.num_ws, task.resolution,
-                        perceptual_fn=task.perceptual, perceptual_name=task.perceptual_name,
-                        init_ws_fn=init_ws_fn)
-
-
-__all__ = ["VISCOIN_METHODS", "ConceptSettings", "training_images", "explain_viscoin", "latent_models"]
+__all__ = ["VISCOIN_METHODS", "ConceptSettings", "explain_viscoin"]

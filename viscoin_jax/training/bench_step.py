@@ -287,7 +287,7 @@ def print_profile(row: dict) -> None:
     print(f"\nWhere one '{row['unit']}' unit at {row['resolution']} px, batch {row['batch']} spends its time "
           "(profiled once per side; bucket sums):\n")
     op_profile.print_profile_table(row["profile_ours"], row["profile_nvlabs"], row["ours_s"], row["nvlabs_s"])
-    print(f"\nLargest ops of ours (derivative order 0 = forward, 1 = backward, 2 = R1's second order):\n")
+    print("\nLargest ops of ours (derivative order 0 = forward, 1 = backward, 2 = R1's second order):\n")
     print(f"{'seconds':>8} {'bucket':<15} {'order':>5}  {'where':<40} op")
     for r in row["profile_ours_top_ops"][:20]:
         print(f"{r['seconds']:>8.3f} {r['bucket']:<15} {r['derivative_order']:>5}  {r['where']:<40} {r['op']}")

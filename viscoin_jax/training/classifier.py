@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
 from . import common
 from .loop import Task, run_training
@@ -181,6 +182,29 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
             prob = jax.nn.softmax(logits, -1)[:, 1]
             out["z_prime"] = float(z_prime_from_labels(np.asarray(prob), labels, positive_label=1))
     return out
+
+
+def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
+    """The callables the classifier explanations take (frozen weights, inference mode)."""
+
+    def functions_of(params):
+        model = task.model(dict(state, params=params))
+
+        def classifier_fn(images):
+            return classifier_logits(model, images, train=False)
+
+        def features_and_logits_fn(images):
+            out = model(images, train=False)
+            return (out[1], out[0]) if isinstance(out, tuple) else ({}, out)
+
+        return classifier_fn, features_and_logits_fn
+
+    invertible = None
+    if task.config.model.name == "iresnet":
+        model = task.model(state)
+        invertible = InvertibleFunctions(model.forward, model.head, lambda z: model.inverse(z))
+    return ClassifierBundle(str(task.config.model.name), state["params"], functions_of,
+                            lambda n, split: common.training_images(task.config, n, split), invertible)
 
 
 def train(config: Any, workdir: str):

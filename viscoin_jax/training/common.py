@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,6 +78,18 @@ def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None =
         if max_batches is not None and i >= max_batches:
             return
         yield batch
+
+
+def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of a split of the run's data
+    set (default the training split), in order and without augmentation."""
+    batch = int(config.eval.batch_size)
+    parts = list(eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split=split))
+    if not parts:
+        raise ValueError(f"the {split!r} split of {config.data.name} yielded no batches")
+    images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]
+    labels = np.concatenate([np.asarray(p["label"]) for p in parts])[:num_images]
+    return images.astype(np.float32), labels
 
 
 def make_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:

@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from ..data import pipeline
+from ..explain.bundles import LatentModels
 from ..models.stylegan2 import Discriminator, Generator, style_mixing
 from . import ada as ada_lib
 from . import common
@@ -414,5 +415,21 @@ def load(workdir: str, step: int | None = None):
     return task, state, config
 
 
-__all__ = ["StyleGAN2Task", "make_task", "train", "load", "generator_from_state", "generator_sampler",
+def latent_models(generator_workdir: str, classifier_fn) -> LatentModels:
+    """LatentModels of a StyleGAN2 run (EMA weights, constant noise) and any classifier function."""
+    task, state, _ = load(generator_workdir)
+    G = generator_from_state(task, state, ema=True)
+    graphdef, g_state = nnx.split(G)
+
+    def synthesis_fn(ws):
+        return nnx.merge(graphdef, g_state).synthesis(ws, noise_mode="const")
+
+    def mapping_fn(z):
+        return nnx.merge(graphdef, g_state).mapping(z)
+
+    return LatentModels(synthesis_fn, mapping_fn, classifier_fn, int(G.z_dim), int(G.num_ws),
+                        int(G.img_resolution))
+
+
+__all__ = ["StyleGAN2Task", "latent_models", "make_task", "train", "load", "generator_from_state", "generator_sampler",
            "compute_fid", "fid_extractor", "real_images", "build_generator", "build_discriminator"]

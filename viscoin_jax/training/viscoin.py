@@ -31,7 +31,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..explain.bundles import LatentModels, VisCoINBundle, VisCoINFunctions
 from ..metrics.lpips import FeaturePerceptualLoss, load_lpips
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
 from . import common
@@ -299,18 +300,6 @@ class VisCoINTask(Task):
 # Pure callables for explanations and metrics
 
 
-class VisCoINFunctions(NamedTuple):
-    """Pure functions of a trained VisCoIN (weights closed over; jit them as you like)."""
-
-    concepts_fn: Callable  # images -> (phi [N, g, g, K], phi_prime [N, g g K])
-    head_fn: Callable  # phi -> logits [N, C]
-    head_weight: jax.Array  # [K, C]
-    translator_fn: Callable  # (phi, phi_prime) -> ws [N, num_ws, w_dim]
-    synthesis_fn: Callable  # ws -> images [N, R, R, 3] in [-1, 1]
-    classifier_fn: Callable  # images -> f logits [N, C]
-    features_fn: Callable  # images -> f's stage-2 feature map
-
-
 def viscoin_apply(task: VisCoINTask, state) -> VisCoINFunctions:
     """The callables `explain.concepts` and `metrics.viscoin_metrics` take, for one task state."""
     params = state["params"] if "params" in state else state
@@ -337,6 +326,26 @@ def viscoin_apply(task: VisCoINTask, state) -> VisCoINFunctions:
     head_weight = task.model(params).head.weight
     return VisCoINFunctions(concepts_fn, head_fn, head_weight, translator_fn, synthesis_fn, classifier_fn,
                             features_fn)
+
+
+def explanation_bundle(task: VisCoINTask, state) -> VisCoINBundle:
+    """What the concept methods take: the run's functions and its data."""
+    return VisCoINBundle(viscoin_apply(task, state), lambda n, split: common.training_images(task.config, n, split))
+
+
+def latent_models(task: VisCoINTask, state) -> LatentModels:
+    """The latent methods' models of a VisCoIN run: its f and G, the translator as warm start."""
+    fns = viscoin_apply(task, state)
+
+    def mapping_fn(z):
+        return task._G().mapping(z)
+
+    def init_ws_fn(images):
+        return jax.jit(lambda x: fns.translator_fn(*fns.concepts_fn(x)))(images)
+
+    return LatentModels(fns.synthesis_fn, mapping_fn, fns.classifier_fn, task.z_dim, task.num_ws, task.resolution,
+                        perceptual_fn=task.perceptual, perceptual_name=task.perceptual_name,
+                        init_ws_fn=init_ws_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,5 +413,5 @@ def load(workdir: str, step: int | None = None):
     return task, state, config
 
 
-__all__ = ["VisCoINTask", "VisCoINFunctions", "viscoin_apply", "make_task", "final_evaluation", "train",
-           "load"]
+__all__ = ["VisCoINTask", "VisCoINFunctions", "viscoin_apply", "explanation_bundle", "latent_models", "make_task",
+           "final_evaluation", "train", "load"]

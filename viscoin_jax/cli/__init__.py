@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from viscoin_jax import compilation_cache
 
@@ -17,7 +16,7 @@ from viscoin_jax import compilation_cache
 COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
     "train": "viscoin_jax.training.train_cli",
-    "explain": "viscoin_jax.explain.run",
+    "explain": "viscoin_jax.cli.explain",
     "run": "viscoin_jax.pipeline",
     "convert": "viscoin_jax.convert.cli",
     "results": "viscoin_jax.results",
@@ -47,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
         compilation_cache.from_args(args)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,211 @@
+"""`viscoin-jax explain`: explain a trained classifier from its Orbax checkpoint.
+
+    viscoin-jax explain --checkpoint runs/clf --images synthetic/blob_binary:test:16 \\
+        --methods gradient smoothgrad integrated_gradients grad_cam occlusion --out runs/report
+    viscoin-jax explain --checkpoint runs/viscoin --images synthetic/blob_binary:test:16 \\
+        --methods concepts faithfulness consistency latent_direction latent_interpolation --out runs/report
+
+The methods and the checkpoints each applies to are the table in `viscoin_jax.explain.methods`
+(`explain --help` prints it). On a VisCoIN checkpoint the attribution methods explain its f.
+
+Writes `OUT/report.html` (self-contained, images embedded), `OUT/metrics.json` and one
+`OUT/<method>.npz` per method with the raw arrays. `--images` is a synthetic split
+(`synthetic/<variant>:<split>[:count]`; the report then also measures which generative factors the
+counterfactuals and concepts change), a folder of images, or an `.npz` holding `images` (NHWC,
+uint8 or [-1, 1]) and optionally `labels`. Every method is also a plain function
+(`viscoin_jax.explain.attributions`, `concepts`, `latent_direction`, ...), usable from a notebook;
+this module loads a checkpoint, has its trainer turn it into the callables each report takes
+(`explanation_bundle`, `latent_models`), runs the reports and writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.synthetic import SyntheticConcepts
+from ..explain import methods as registry
+from ..explain.classifier_report import explain_classifier
+from ..explain.latent_report import LatentSettings, explain_latent
+from ..explain.report import Report
+from ..explain.viscoin_report import ConceptSettings, explain_viscoin
+from ..training import classifier as classifier_trainer
+from ..training import stylegan2 as stylegan2_trainer
+from ..training import viscoin as viscoin_trainer
+from ..training.common import restore_task_state, training_images
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def load_images(spec: str, resolution: int, count: int | None = None) -> dict[str, Any]:
+    """{'images': float32 [N, R, R, 3] in [-1, 1], 'labels': int [N] or None, 'factors': dict or None}."""
+    if spec.startswith("synthetic/"):
+        parts = spec[len("synthetic/"):].split(":")
+        variant, split = parts[0], parts[1] if len(parts) > 1 else "test"
+        n = int(parts[2]) if len(parts) > 2 else (count or 16)
+        n = min(n, count) if count else n
+        source = SyntheticConcepts(variant, resolution=resolution, size=max(n, 1), split=split)
+        items = [source[i] for i in range(n)]
+        images = np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1.0
+        labels = np.asarray([it["label"] for it in items], np.int32)
+        factors = {k: np.asarray([it["factors"][k] for it in items]) for k in items[0]["factors"]}
+        return {"images": images, "labels": labels, "factors": factors}
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--images {spec}: no such file or folder (or use synthetic/<variant>:<split>)")
+    labels = None
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+        if not files:
+            raise ValueError(f"--images {spec}: the folder holds no .png/.jpg/.tif images")
+        arrays = []
+        for f in files[:count] if count else files:
+            try:
+                arrays.append(np.asarray(Image.open(f).convert("RGB")))
+            except OSError as e:
+                raise ValueError(f"cannot read image {f}: {e}") from None
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"--images {spec}: images of different sizes {sorted(shapes)}")
+        images = np.stack(arrays)
+    elif path.suffix == ".npz":
+        with np.load(path) as data:
+            if "images" not in data:
+                raise ValueError(f"{path} has no 'images' array (has {sorted(data.files)})")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data else None
+    else:
+        raise ValueError(f"--images {spec}: expected a folder, an .npz or synthetic/<variant>:<split>")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3] RGB, got shape {images.shape}")
+    if images.shape[1:3] != (resolution, resolution):
+        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model takes "
+                         f"{resolution}x{resolution}")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 127.5 - 1.0
+    elif images.min() < -1.001 or images.max() > 1.001:
+        raise ValueError("float images must be in [-1, 1]")
+    if count:
+        images = images[:count]
+        labels = labels[:count] if labels is not None else None
+    return {"images": images.astype(np.float32), "labels": labels, "factors": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _variant(images: str) -> str | None:
+    """The synthetic variant named by an --images spec (its factors can be measured), else None."""
+    if not images.startswith("synthetic/"):
+        return None
+    return images[len("synthetic/"):].split(":")[0]
+
+
+def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None,
+            generator: str | None = None, latent_settings=None, concept_settings=None) -> Path:
+    """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays.
+
+    A classifier checkpoint takes the attribution methods, the i-ResNet counterfactual and, given a
+    StyleGAN2 run as `generator`, the latent methods. A VisCoIN checkpoint takes the concept methods,
+    the latent methods (its own f and G) and the attribution methods (on its classifier f).
+    """
+    out_dir = Path(out)
+    registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded
+    task, state, config, metadata = restore_task_state(checkpoint)
+    if config.trainer not in ("classifier", "viscoin"):
+        raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
+                         "a viscoin checkpoint")
+    offers = {registry.VISCOIN} if config.trainer == "viscoin" else {str(config.model.name)}
+    if generator and config.trainer == "classifier":
+        offers.add(registry.WITH_GENERATOR)
+    groups = registry.check_request(list(methods), offers)
+    resolution = int(config.data.resolution)
+    if images.startswith("dataset:"):  # dataset:<split>[:N]: the run's own data set (TFDS, folders, ...)
+        parts = images.split(":")
+        n = int(parts[2]) if len(parts) > 2 else (count or 16)
+        x, y = training_images(config, min(n, count) if count else n, split=parts[1] if len(parts) > 1 else "test")
+        data = {"images": x, "labels": np.asarray(y, np.int32), "factors": None}
+    else:
+        data = load_images(images, resolution, count)
+    variant = _variant(images)
+    report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
+    report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
+                              f"methods {', '.join(methods)}")
+    summary: dict = {}
+    titles = {registry.CLASSIFIER: "attributions", registry.CONCEPTS: "VisCoIN concepts", registry.LATENT: "latent"}
+    for i, (group, names) in enumerate(groups.items(), 1):
+        t0 = time.perf_counter()
+        log.info("[%d/%d] %s: %s", i, len(groups), titles[group], ", ".join(names))
+        if group == registry.CLASSIFIER:
+            if config.trainer == "viscoin":  # on the frozen classifier f of the VisCoIN run
+                f_task, f_state, _ = classifier_trainer.load(config.classifier_workdir)
+                report.add_section("Classifier f", f"attributions of {config.classifier_workdir}")
+                bundle = classifier_trainer.explanation_bundle(f_task, f_state)
+            else:
+                bundle = classifier_trainer.explanation_bundle(task, state)
+            summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant))
+        elif group == registry.CONCEPTS:
+            summary.update(explain_viscoin(viscoin_trainer.explanation_bundle(task, state), data, names, report,
+                                           out_dir, concept_settings or ConceptSettings(), variant=variant))
+        else:
+            if config.trainer == "viscoin":
+                models = viscoin_trainer.latent_models(task, state)
+            else:
+                f = classifier_trainer.explanation_bundle(task, state)
+                models = stylegan2_trainer.latent_models(generator, f.classifier_fn)
+            summary.update(explain_latent(models, data, names, report, out_dir, latent_settings or LatentSettings(),
+                                          variant=variant))
+        log.info("[%d/%d] %s done in %.1fs", i, len(groups), titles[group], time.perf_counter() - t0)
+    report.add_metrics(summary, title="All metrics")
+    (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))
+    path = report.write(out_dir)
+    print(f"report: {path}")
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
+        explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
+                latent_settings=latent)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("explain", help="explain a classifier (or a VisCoIN run) from its checkpoint",
+                              description=__doc__, epilog=registry.help_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run's workdir (or its checkpoints/ folder)")
+    p.add_argument("--images", required=True,
+                   help="synthetic/<variant>:<split>[:N], dataset:<split>[:N] (the run's data set), a folder, or an .npz")
+    p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"],
+                   metavar="METHOD", help="methods to run (the table below says which apply to which checkpoint)")
+    p.add_argument("--out", required=True, help="output folder for report.html and the npz arrays")
+    p.add_argument("--count", type=int, default=None, help="use at most this many images")
+    p.add_argument("--generator", default=None,
+                   help="a stylegan2 run for the latent methods on a classifier checkpoint")
+    p.add_argument("--projection-steps", type=int, default=300, help="W+ projection steps per image batch")
+    p.add_argument("--direction-samples", type=int, default=512,
+                   help="generated samples the logistic-regression direction is fitted on")
+    p.set_defaults(func=main)
