@@ -21,18 +21,19 @@ Layout (the JAX Pallas ops pattern):
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, setup_filter
 from ._dispatch import TPU_LANES, dispatch, interpret_mode, jit_per_shape, uses_tpu_layout
+from .plans import GPU_SHARED_MEMORY_BUDGET_BYTES, TPU_VMEM_BUDGET_BYTES  # noqa: F401  read-only aliases
+from .plans import compiler_params as _compiler_params, conv_plans as _plans, conv_tiles as _conv_tiles
+from .plans import conv_tpu_vmem_estimate as tpu_vmem_estimate, fits_tpu_vmem
+from .plans import triton_pipelining, triton_shared_memory_estimate  # noqa: F401
 from .conv2d_resample import dilated_conv, polyphase_conv
 from .upfirdn2d import _check_x, upfirdn2d, upfirdn2d_reference
 
@@ -254,77 +255,6 @@ def _weight_grad_kernel_tpu(in_scale_ref, x_ref, g_ref, o_ref, *, flat_taps, til
 # Wrappers
 
 
-def _conv_tiles(backend, rows, cols, cin, cout):
-    """(tile_h, tile_w, block_in, block_out, padded Cin, padded Cout) per backend.
-
-    Triton needs power-of-two tiles and dot operands of at least 16; Mosaic keeps whole rows in
-    VMEM (tile_w a multiple of 8) and channels padded to whole 128-lane vregs: Mosaic cannot prove
-    that a channel window narrower than 128 lanes starts on a lane-tile boundary, so 3- or
-    32-channel layers compile only when padded (the padding is zeros and is sliced off).
-    """
-    if uses_tpu_layout(backend):
-        cin_p, cout_p = _phases.round_up(cin, TPU_LANES), _phases.round_up(cout, TPU_LANES)
-        return 8, _phases.round_up(cols, 8), cin_p, TPU_LANES, cin_p, cout_p
-    tile_h = min(8, pl.next_power_of_2(rows))
-    tile_w = max(min(16, pl.next_power_of_2(cols)), 16 // tile_h)
-    bi = max(16, min(32, pl.next_power_of_2(cin)))
-    bo = max(16, min(64, pl.next_power_of_2(cout)))
-    return tile_h, tile_w, bi, bo, _phases.round_up(cin, bi), _phases.round_up(cout, bo)
-
-
-# Triton software-pipelines a kernel's loop (num_stages=2) by keeping a second copy of every load of
-# the loop body in shared memory: for a 3x3 conv that is 10 copies of the tap operands. The 64 -> 64
-# channel 3x3 layer at 16 px then asked for 240 KiB (over even the H100's 227 KiB limit per block;
-# found by the 8 x H100 AOT compile of the CUB config). Kernels whose pipelined footprint would pass
-# this budget run their loop unpipelined (num_stages=1: 24-48 KiB). 96 KiB fits every GPU Triton
-# targets (sm_86/89 allow 99 KiB per block; A100 163 KiB; H100 227 KiB).
-GPU_SHARED_MEMORY_BUDGET_BYTES = 96 * 2**10
-
-
-def triton_shared_memory_estimate(kind, m, bi, bo, taps, phases=1, stages=2) -> int:
-    """Upper bound on the shared memory Triton allocates for one conv kernel program, in bytes.
-
-    kind: "conv" (loop over input-channel blocks; `taps` = the most taps of one output phase) or
-    "weight_grad" (loop over pixel tiles; `taps` = all taps, `phases` = output phases); m = pixels per
-    tile, bi / bo = input / output channel block. Fitted to the sizes XLA:GPU reported for these
-    kernels compiled for an H100 (jax 0.10.2; tests/test_kernel_lowering.py rechecks it where the
-    CUDA plugin is installed): float32 operands, one copy each unpipelined, taps + 1 copies pipelined.
-    A conv with a single input-channel block has no loop, so its footprint is the unpipelined one.
-    """
-    if kind == "conv":
-        per_tap = m * bi + bi * bo
-        return 4 * per_tap if stages == 1 else 4 * (taps + 1) * per_tap + 128
-    if kind == "weight_grad":
-        if stages == 1:
-            return 4 * (m * bi + m * bo)
-        return 4 * ((taps + 1) * m * bi + (phases + 1) * m * bo) + 128
-    raise ValueError(f"kind must be 'conv' or 'weight_grad', got {kind!r}")
-
-
-def triton_pipelining(kind, m, bi, bo, table, loop=True) -> tuple[int, int]:
-    """(num_stages, estimated shared-memory bytes) of one conv kernel on GPU, from its tap table.
-
-    Pipelined (2) when that fits GPU_SHARED_MEMORY_BUDGET_BYTES, else 1; without a loop (`loop`
-    False: a conv with one input-channel block) there is nothing to pipeline and one copy is held.
-    """
-    if kind == "conv":
-        taps, phases = max((len(t) for _, _, t in table), default=0), 1
-    else:
-        taps, phases = sum(len(t) for _, _, t in table), len(table)
-    pipelined = triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=2)
-    if loop and pipelined <= GPU_SHARED_MEMORY_BUDGET_BYTES:
-        return 2, pipelined
-    return (1 if loop else 2), triton_shared_memory_estimate(kind, m, bi, bo, taps, phases, stages=1)
-
-
-def _compiler_params(backend, semantics, num_stages=2):
-    if backend == "gpu":
-        return pl_triton.CompilerParams(num_warps=4, num_stages=num_stages)
-    if uses_tpu_layout(backend):
-        return pltpu.CompilerParams(dimension_semantics=semantics)
-    return None
-
-
 def _pad_last(a, size):
     return a if a.shape[-1] == size else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - a.shape[-1])])
 
@@ -340,13 +270,6 @@ def _phased_conv(x, w, in_scale, out_scale, geometry, backend):
     geometry = (up, down, (x0, x1, y0, y1)); w is [kh, kw, Cin, Cout]; scales are [N, C] float32.
     """
     return _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend)
-
-
-def _plans(x_shape, w_shape, geometry):
-    up, down, (px0, px1, py0, py1) = geometry
-    plan_y = _phases.plan_1d(x_shape[1], up, down, py0, py1, w_shape[0], "modulated_conv2d (height)")
-    plan_x = _phases.plan_1d(x_shape[2], up, down, px0, px1, w_shape[1], "modulated_conv2d (width)")
-    return plan_y, plan_x
 
 
 # The pallas_call wrappers are jitted with their static arguments: a layer shape that recurs (G's
@@ -521,33 +444,6 @@ def _phased_conv_bwd(geometry, backend, residuals, dy):
 _phased_conv.defvjp(_phased_conv_fwd, _phased_conv_bwd)
 
 
-# Mosaic (TPU) holds every block in VMEM, double-buffered. A layer whose blocks would not fit is
-# routed to the XLA path when compiling for TPU (with a warning) instead of failing inside Mosaic.
-TPU_VMEM_BUDGET_BYTES = 12 * 2**20
-
-
-def tpu_vmem_estimate(x_shape, w_shape, up, down, pads) -> int:
-    """Bytes of VMEM the TPU conv kernels need for this layer (forward and backward), float32."""
-    n, h, w, cin = x_shape
-    kh, kw, _, cout = w_shape
-    if down > 1:  # the conv runs on the blurred input with no extra padding
-        h, w = h + pads[2] + pads[3], w + pads[0] + pads[1]
-        geometry = (1, down, (0, 0, 0, 0))
-    else:
-        geometry = (up, 1, pads)
-    plan_y, plan_x = _plans((n, h, w, cin), w_shape, geometry)
-    need = 0
-    for c_in, c_out in ((cin, cout), (cout, cin)):  # the input gradient swaps the channels
-        tile_h, tile_w, _, bo, c_in, _ = _conv_tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase,
-                                                     c_in, c_out)  # c_in: padded to the lanes
-        cols = _phases.round_up(plan_x.out_per_phase, tile_w)
-        x_block = plan_y.down * plan_x.down * (tile_h + plan_y.halo) * (cols + plan_x.halo) * c_in
-        out_block = tile_h * plan_y.up * cols * plan_x.up * bo
-        blocks = x_block + kh * kw * c_in * bo + out_block
-        need = max(need, 4 * (2 * blocks + tile_h * cols * bo))
-    return need
-
-
 def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding, f, backend):
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
@@ -597,13 +493,10 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         return modulated_conv2d_reference(x, weight, styles, demodulate, up, down, padding, f)
 
     def kernel_fn(x, weight, styles, backend):
-        if uses_tpu_layout(backend):
-            need = tpu_vmem_estimate(x.shape, weight.shape, up, down, pads)
-            if need > TPU_VMEM_BUDGET_BYTES:
-                warnings.warn(f"modulated_conv2d: x {x.shape}, weight {weight.shape} needs about "
-                              f"{need / 2**20:.1f} MiB of TPU VMEM (budget "
-                              f"{TPU_VMEM_BUDGET_BYTES / 2**20:.1f} MiB); using the XLA path", stacklevel=2)
-                return xla_fn(x, weight, styles)
+        if uses_tpu_layout(backend) and not fits_tpu_vmem(
+                tpu_vmem_estimate(x.shape, weight.shape, up, down, pads),
+                f"modulated_conv2d: x {x.shape}, weight {weight.shape}"):
+            return xla_fn(x, weight, styles)
         return _modulated_conv2d_pallas(x, weight, styles, demodulate=demodulate, up=up, down=down,
                                         padding=padding, f=f, backend=backend)
 
