@@ -31,13 +31,14 @@ from .modulated_conv2d_ref import (conv2d_resample_reference, default_filter, de
                                    modulated_conv2d_grouped_reference, modulated_conv2d_reference,
                                    resample_padding)
 from .plans import GPU_SHARED_MEMORY_BUDGET_BYTES, TPU_VMEM_BUDGET_BYTES  # read-only aliases
+from .plans import ConvBlockSizes, check_block_sizes
 from .plans import conv_plans as _plans, conv_tiles as _conv_tiles
 from .plans import conv_tpu_vmem_estimate as tpu_vmem_estimate, fits_tpu_vmem
 from .plans import triton_pipelining, triton_shared_memory_estimate
 from .upfirdn2d import _check_x, upfirdn2d
 
 # Importable from here as before the split (tests reach `_plans`, `_conv_tiles` and the wrappers too).
-__all__ = ["modulated_conv2d", "modulated_conv2d_reference", "modulated_conv2d_grouped_reference",
+__all__ = ["modulated_conv2d", "ConvBlockSizes", "modulated_conv2d_reference", "modulated_conv2d_grouped_reference",
            "conv2d_resample_reference", "demodulation_coefficients", "resample_padding",
            "tpu_vmem_estimate", "TPU_VMEM_BUDGET_BYTES", "GPU_SHARED_MEMORY_BUDGET_BYTES",
            "triton_pipelining", "triton_shared_memory_estimate", "_plans", "_conv_tiles",
@@ -60,39 +61,41 @@ def _check_args(x, weight, styles, up, down):
         raise ValueError("up and down cannot both be > 1")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _phased_conv(x, w, in_scale, out_scale, geometry, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _phased_conv(x, w, in_scale, out_scale, geometry, backend, block_sizes):
     """y = out_scale * correlate(pad(zero_insert(x * in_scale, up)), w)[::down], in x's dtype.
 
-    geometry = (up, down, (x0, x1, y0, y1)); w is [kh, kw, Cin, Cout]; scales are [N, C] float32.
+    geometry = (up, down, (x0, x1, y0, y1)); w is [kh, kw, Cin, Cout]; scales are [N, C] float32;
+    block_sizes: a `ConvBlockSizes` or None (automatic), for every kernel of every order.
     """
-    return _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend)
+    return _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend, block_sizes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _weight_grad(x, g, in_scale, w_shape, geometry, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _weight_grad(x, g, in_scale, w_shape, geometry, backend, block_sizes):
     """dW[ky, kx, i, o] = sum_{n, pixels} (x * in_scale)[window(ky, kx), i] * g[o], float32.
 
     A custom_vjp of its own so that second-order gradients (R1, path length) stay in Pallas: the
     weight gradient is bilinear in (x, g) and both of its transposes are phased convolutions.
     """
-    return _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend)
+    return _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend, block_sizes)
 
 
-def _weight_grad_fwd(x, g, in_scale, w_shape, geometry, backend):
-    return _weight_grad(x, g, in_scale, w_shape, geometry, backend), (x, g, in_scale)
+def _weight_grad_fwd(x, g, in_scale, w_shape, geometry, backend, block_sizes):
+    return _weight_grad(x, g, in_scale, w_shape, geometry, backend, block_sizes), (x, g, in_scale)
 
 
-def _weight_grad_bwd(w_shape, geometry, backend, residuals, d_w):
+def _weight_grad_bwd(w_shape, geometry, backend, block_sizes, residuals, d_w):
     x, g, in_scale = residuals
     n = x.shape[0]
     ones_out = jnp.ones((n, w_shape[3]), jnp.float32)
     ones_in = jnp.ones((n, w_shape[2]), jnp.float32)
     # d g = conv(x * in_scale, d_w); d (x * in_scale) = conv_transpose(g, d_w).
-    grad_g = _phased_conv(x, d_w.astype(x.dtype), in_scale, ones_out, geometry, backend).astype(g.dtype)
+    grad_g = _phased_conv(x, d_w.astype(x.dtype), in_scale, ones_out, geometry, backend,
+                          block_sizes).astype(g.dtype)
     d_w_t = jnp.flip(d_w, (0, 1)).transpose(0, 1, 3, 2).astype(g.dtype)
     t = _phased_conv(g, d_w_t, ones_out, ones_in,
-                     _transposed_geometry(x.shape, g.shape, w_shape, geometry), backend)
+                     _transposed_geometry(x.shape, g.shape, w_shape, geometry), backend, block_sizes)
     t = t.astype(jnp.float32)
     grad_x = (t * in_scale[:, None, None, :]).astype(x.dtype)
     grad_in_scale = jnp.sum(t * x.astype(jnp.float32), axis=(1, 2))
@@ -109,48 +112,48 @@ def _transposed_geometry(x_shape, y_shape, w_shape, geometry):
     return down, up, (tx0, tx1, ty0, ty1)
 
 
-def _phased_conv_fwd(x, w, in_scale, out_scale, geometry, backend):
-    y = _phased_conv(x, w, in_scale, out_scale, geometry, backend)
+def _phased_conv_fwd(x, w, in_scale, out_scale, geometry, backend, block_sizes):
+    y = _phased_conv(x, w, in_scale, out_scale, geometry, backend, block_sizes)
     return y, (x, w, in_scale, out_scale, y)
 
 
-def _phased_conv_bwd(geometry, backend, residuals, dy):
+def _phased_conv_bwd(geometry, backend, block_sizes, residuals, dy):
     x, w, in_scale, out_scale, y = residuals
     # Gradient w.r.t. (x * in_scale): the transposed convolution of dy * out_scale, i.e. the same
     # kernel with the plan transposed (up <-> down), the taps flipped and Cin <-> Cout swapped.
     w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     ones = jnp.ones((x.shape[0], x.shape[3]), jnp.float32)
     t = _phased_conv(dy, w_t, out_scale, ones, _transposed_geometry(x.shape, dy.shape, w.shape, geometry),
-                     backend).astype(jnp.float32)
+                     backend, block_sizes).astype(jnp.float32)
     grad_x = (t * in_scale[:, None, None, :]).astype(x.dtype)
     grad_in_scale = jnp.sum(t * x.astype(jnp.float32), axis=(1, 2))
     dy32 = dy.astype(jnp.float32)
     # y = out_scale * c, so sum(dy * c) = sum(dy * y) / out_scale (out_scale > 0 in this module).
     grad_out_scale = jnp.sum(dy32 * y.astype(jnp.float32), axis=(1, 2)) / out_scale
     g = (dy32 * out_scale[:, None, None, :]).astype(dy.dtype)
-    grad_w = _weight_grad(x, g, in_scale, tuple(w.shape), geometry, backend).astype(w.dtype)
+    grad_w = _weight_grad(x, g, in_scale, tuple(w.shape), geometry, backend, block_sizes).astype(w.dtype)
     return grad_x, grad_w, grad_in_scale, grad_out_scale
 
 
 _phased_conv.defvjp(_phased_conv_fwd, _phased_conv_bwd)
 
 
-def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding, f, backend):
+def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding, f, backend, block_sizes):
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
     pads = resample_padding(padding, up, down, f)
     filter_impl = backend if backend in ("interpret", "tpu_interpret") else "pallas"
     if down > 1:  # blur (the upfirdn2d kernel), then the stride-`down` phased conv
         x = upfirdn2d(x, f, padding=pads, impl=filter_impl)
-        return _phased_conv(x, weight, styles, dcoef, (1, down, (0, 0, 0, 0)), backend)
-    y = _phased_conv(x, weight, styles, dcoef, (up, 1, pads), backend)
+        return _phased_conv(x, weight, styles, dcoef, (1, down, (0, 0, 0, 0)), backend, block_sizes)
+    y = _phased_conv(x, weight, styles, dcoef, (up, 1, pads), backend, block_sizes)
     if up > 1:  # transposed conv done by the phases; the blur follows
         y = upfirdn2d(y, f, gain=up * up, impl=filter_impl)
     return y
 
 
 def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0,
-                     resample_filter=None, impl="auto"):
+                     resample_filter=None, impl="auto", block_sizes=None):
     """StyleGAN2 modulated convolution (correlation, like `lax.conv`), NHWC.
 
     Args:
@@ -161,6 +164,8 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
       padding: int, (x, y) or (x0, x1, y0, y1), as the reference's conv2d_resample.
       resample_filter: FIR filter for up/down (default: setup_filter([1, 3, 3, 1])).
       impl: "auto" | "pallas" | "interpret" | "xla".
+      block_sizes: a `ConvBlockSizes` to tile the Pallas kernels with (see its docstring), or None for
+        the automatic choice. Tiles change the summation order only; "xla" ignores them.
 
     Weights are correlated, as in `lax.conv` and torch's conv2d. StyleGAN2-ADA's up-sampling layers
     convolve instead (flip_weight=False); an importer flips those kernels spatially.
@@ -171,6 +176,7 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
     the conv kernel.
     """
     check_impl(impl)
+    check_block_sizes(block_sizes)
     _check_args(x, weight, styles, up, down)
     f = default_filter(resample_filter, up, down)
     # Validate the output size now, with a clear message, rather than inside the kernels.
@@ -185,11 +191,11 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
 
     def kernel_fn(x, weight, styles, backend):
         if uses_tpu_layout(backend) and not fits_tpu_vmem(
-                tpu_vmem_estimate(x.shape, weight.shape, up, down, pads),
+                tpu_vmem_estimate(x.shape, weight.shape, up, down, pads, block_sizes),
                 f"modulated_conv2d: x {x.shape}, weight {weight.shape}"):
             return xla_fn(x, weight, styles)
         return _modulated_conv2d_pallas(x, weight, styles, demodulate=demodulate, up=up, down=down,
-                                        padding=padding, f=f, backend=backend)
+                                        padding=padding, f=f, backend=backend, block_sizes=block_sizes)
 
     return dispatch(impl, xla_fn, kernel_fn, x, weight, styles,
                     batched=(True, False, styles.shape[0] == x.shape[0]))

@@ -138,15 +138,15 @@ def _compute_dtype(x):
 # The pallas_call wrappers are jitted with their static arguments: a layer shape that recurs (G's
 # synthesis runs three times per training step, D's layers three times, forward and backward share
 # kernels) is traced and lowered once per program instead of once per call.
-@jit_per_shape(static_argnums=(4, 5))
-def phased_conv_pallas(x, w, in_scale, out_scale, geometry, backend):
+@jit_per_shape(static_argnums=(4, 5, 6))
+def phased_conv_pallas(x, w, in_scale, out_scale, geometry, backend, block_sizes=None):
     """The phased convolution's pallas_call (see `modulated_conv2d._phased_conv`), in x's dtype."""
     plan_y, plan_x = conv_plans(x.shape, w.shape, geometry)
     table = _phases.tap_table(plan_y, plan_x)
     n, _, _, cin = x.shape
     kh, kw, _, cout = w.shape
     tile_h, tile_w, bi, bo, cin_p, cout_p = conv_tiles(
-        backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
+        backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout, block_sizes)
     rows = _phases.round_up(plan_y.out_per_phase, tile_h)
     cols = _phases.round_up(plan_x.out_per_phase, tile_w)
     xph = _phases.split_phases(_pad_last(x, cin_p), plan_y, plan_x, rows, cols)
@@ -179,8 +179,8 @@ def phased_conv_pallas(x, w, in_scale, out_scale, geometry, backend):
     return _phases.merge_phases(y, plan_y, plan_x)[..., :cout]
 
 
-@jit_per_shape(static_argnums=(3, 4, 5))
-def weight_grad_pallas(x, g, in_scale, w_shape, geometry, backend):
+@jit_per_shape(static_argnums=(3, 4, 5, 6))
+def weight_grad_pallas(x, g, in_scale, w_shape, geometry, backend, block_sizes=None):
     """The weight gradient's pallas_call (see `modulated_conv2d._weight_grad`), float32."""
     plan_y, plan_x = conv_plans(x.shape, w_shape, geometry)
     table = _phases.tap_table(plan_y, plan_x)
@@ -188,7 +188,7 @@ def weight_grad_pallas(x, g, in_scale, w_shape, geometry, backend):
     n, _, _, cin = x.shape
     kh, kw, _, cout = w_shape
     tile_h, tile_w, bi, bo, cin_p, cout_p = conv_tiles(
-        backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout)
+        backend, plan_y.out_per_phase, plan_x.out_per_phase, cin, cout, block_sizes)
     if uses_tpu_layout(backend):
         bi = TPU_LANES
     rows = _phases.round_up(plan_y.out_per_phase, tile_h)

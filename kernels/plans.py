@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
@@ -40,7 +41,8 @@ GPU_SHARED_MEMORY_BUDGET_BYTES = 96 * 2**10
 
 
 def _is_power_of_two(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and value > 0 and value & (value - 1) == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ConvBlockSizes:
             value = getattr(self, field.name)
             if not _is_power_of_two(value):
                 raise ValueError(f"ConvBlockSizes: {field.name} must be a positive power of two, got {value!r}")
+            object.__setattr__(self, field.name, int(value))  # numpy ints hash and print as ints
         for name in ("block_in", "block_out"):
             if getattr(self, name) < 16:
                 raise ValueError(f"ConvBlockSizes: {name} must be at least 16 (Triton's smallest dot "
