@@ -7,6 +7,7 @@ Installed as `viscoin_jax.kernels`. Every op takes `impl` in {"auto", "pallas", 
 from ._args import setup_filter
 from ._dispatch import lowering_for
 from .modulated_conv2d import (
+    ConvBlockSizes,
     conv2d_resample_reference,
     demodulation_coefficients,
     modulated_conv2d,
@@ -24,6 +25,7 @@ __all__ = [
     "downsample2d",
     "filter2d",
     "modulated_conv2d",
+    "ConvBlockSizes",
     "modulated_conv2d_reference",
     "modulated_conv2d_grouped_reference",
     "conv2d_resample_reference",

@@ -2,7 +2,8 @@
 
 Layout of this module (the JAX Pallas ops pattern):
 - `_upfirdn2d_kernel`: the Pallas kernel body (one tile of output rows x columns x channels).
-- `_upfirdn2d_pallas`: the wrapper that builds the polyphase input, grid and block specs per backend.
+- `_upfirdn2d_pallas`: the wrapper that builds the polyphase input, grid and block specs per backend
+  (tiles and the TPU VMEM budget: `plans`, shared with modulated_conv2d).
 - `upfirdn2d`: the public op, a `jax.custom_vjp` whose backward pass is again an upfirdn2d.
 - `upfirdn2d_reference`: the plain-JAX (lax) reference, used as the "xla" implementation.
 - `upsample2d`, `downsample2d`, `filter2d`: the reference's padding and gain conventions.
@@ -13,18 +14,19 @@ Semantics are those of StyleGAN2-ADA's `upfirdn2d` moved to NHWC.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pl_triton
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import TPU_LANES, dispatch, interpret_mode, jit_per_shape, uses_tpu_layout
+from ._dispatch import dispatch, interpret_mode, jit_per_shape, uses_tpu_layout
+from .plans import TPU_VMEM_BUDGET_BYTES  # noqa: F401  read-only alias: patch plans' to change it
+from .plans import compiler_params, fir_plans as _plans, fir_tiles as _tiles, fits_tpu_vmem
+from .plans import fir_tpu_vmem_estimate as tpu_vmem_estimate
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -54,15 +56,6 @@ def _normalise_args(x, f, up, down, padding):
     f = jnp.asarray(f, jnp.float32)
     _check_filter(f)
     return f, parse_scaling(up, "up"), parse_scaling(down, "down"), parse_padding(padding)
-
-
-def _plans(x_shape, f_shape, up, down, padding):
-    (ux, uy), (dx, dy), (px0, px1, py0, py1) = up, down, padding
-    fw, fh = (f_shape[0], f_shape[0]) if len(f_shape) == 1 else (f_shape[1], f_shape[0])
-    _, h, w, _ = x_shape
-    plan_y = _phases.plan_1d(h, uy, dy, py0, py1, fh, "upfirdn2d (height)")
-    plan_x = _phases.plan_1d(w, ux, dx, px0, px1, fw, "upfirdn2d (width)")
-    return plan_y, plan_x
 
 
 def _correlation_filter_2d(f, flip_filter, gain):
@@ -136,30 +129,6 @@ def _upfirdn2d_kernel(g_ref, x_ref, o_ref, *, table, tile_h, tile_w, tiles_w):
         o_ref[0, :, qy, :, qx, :] = acc.astype(o_ref.dtype)
 
 
-def _tiles(backend, rows, cols, channels):
-    """(tile_h, tile_w, channel_block, padded_channels) per backend.
-
-    GPU (Triton) tiles must be powers of two; TPU (Mosaic) keeps whole rows in VMEM, tiles only
-    the rows, and pads the channels to blocks of 128 lanes (Mosaic rejects narrower channel windows
-    whose start it cannot prove lane-aligned, e.g. the 3-channel RGB path).
-    """
-    if uses_tpu_layout(backend):
-        tile_w = _phases.round_up(cols, 8)
-        return 8, tile_w, TPU_LANES, _phases.round_up(channels, TPU_LANES)
-    tile_h = min(8, pl.next_power_of_2(rows))
-    tile_w = min(32, pl.next_power_of_2(cols))
-    cb = min(32, pl.next_power_of_2(channels))
-    return tile_h, tile_w, cb, _phases.round_up(channels, cb)
-
-
-def _compiler_params(backend, grid_rank):
-    if backend == "gpu":
-        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
-    if uses_tpu_layout(backend):
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
-    return None
-
-
 # Jitted with its static arguments: a recurring call is traced and lowered once per program.
 @jit_per_shape(static_argnames=("up", "down", "padding", "flip_filter", "gain", "backend"))
 def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
@@ -193,7 +162,7 @@ def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
         in_specs=[g_spec, x_spec],
         out_specs=o_spec,
         out_shape=jax.ShapeDtypeStruct((n, rows, uy, cols, ux, cp), x.dtype),
-        compiler_params=_compiler_params(backend, len(grid)),
+        compiler_params=compiler_params(backend, ("parallel",) * len(grid)),
         interpret=interpret_mode(backend),
         name="upfirdn2d",
     )(g, xph)
@@ -209,33 +178,14 @@ def _upfirdn2d(x, f, up, down, padding, flip_filter, gain, impl):
     return _upfirdn2d_impl(x, f, up, down, padding, flip_filter, gain, impl)
 
 
-# Mosaic (TPU) holds every block in VMEM, double-buffered. An image whose row tile would not fit is
-# routed to the XLA path when compiling for TPU (with a warning) instead of failing inside Mosaic.
-TPU_VMEM_BUDGET_BYTES = 12 * 2**20
-
-
-def tpu_vmem_estimate(x_shape, f_shape, up, down, padding) -> int:
-    """Bytes of VMEM the TPU kernel needs for one grid step, float32."""
-    plan_y, plan_x = _plans(x_shape, f_shape, up, down, padding)
-    tile_h, tile_w, cb, _ = _tiles("tpu", plan_y.out_per_phase, plan_x.out_per_phase, x_shape[3])
-    cols = _phases.round_up(plan_x.out_per_phase, tile_w)
-    x_block = plan_y.down * plan_x.down * (tile_h + plan_y.halo) * (cols + plan_x.halo) * cb
-    out_block = tile_h * plan_y.up * cols * plan_x.up * cb
-    return 4 * (2 * (x_block + out_block) + tile_h * cols * cb)
-
-
 def _upfirdn2d_impl(x, f, up, down, padding, flip_filter, gain, impl):
     def xla_fn(x, f):
         return upfirdn2d_reference(x, f, up, down, padding, flip_filter, gain)
 
     def kernel_fn(x, f, backend):
-        if uses_tpu_layout(backend):
-            need = tpu_vmem_estimate(x.shape, f.shape, up, down, padding)
-            if need > TPU_VMEM_BUDGET_BYTES:
-                warnings.warn(f"upfirdn2d: x {x.shape} needs about {need / 2**20:.1f} MiB of TPU VMEM "
-                              f"(budget {TPU_VMEM_BUDGET_BYTES / 2**20:.1f} MiB); using the XLA path",
-                              stacklevel=2)
-                return xla_fn(x, f)
+        if uses_tpu_layout(backend) and not fits_tpu_vmem(
+                tpu_vmem_estimate(x.shape, f.shape, up, down, padding), f"upfirdn2d: x {x.shape}"):
+            return xla_fn(x, f)
         return _upfirdn2d_pallas(x, f, up=up, down=down, padding=padding,
                                  flip_filter=flip_filter, gain=gain, backend=backend)
 

@@ -128,14 +128,13 @@ def test_layer_too_large_for_tpu_vmem_is_routed_to_xla(monkeypatch):
     # A layer whose blocks exceed the VMEM budget is compiled through XLA for TPU, with a warning,
     # and still computes the right values (checked in the TPU interpreter).
     mc = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
-    up = importlib.import_module("viscoin_jax.kernels.upfirdn2d")
+    plans = importlib.import_module("viscoin_jax.kernels.plans")
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 4, 4)), jnp.float32)
     s = jnp.ones((1, 4), jnp.float32)
     assert mc.tpu_vmem_estimate(x.shape, w.shape, 2, 1, (2, 1, 2, 1)) < mc.TPU_VMEM_BUDGET_BYTES
-    monkeypatch.setattr(mc, "TPU_VMEM_BUDGET_BYTES", 1024)
-    monkeypatch.setattr(up, "TPU_VMEM_BUDGET_BYTES", 1024)
+    monkeypatch.setattr(plans, "TPU_VMEM_BUDGET_BYTES", 1024)  # the one budget of both ops
     fwd = lambda x, w, s: modulated_conv2d(x, w, s, up=2, impl="pallas")
     with pytest.warns(UserWarning, match="TPU VMEM"):
         text = _export_text(fwd, (x, w, s), "tpu")
