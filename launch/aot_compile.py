@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from viscoin_jax.kernels import lowering_for
     from viscoin_jax.training import loop, mesh as mesh_lib
     from viscoin_jax.training.config import load_config
-    from viscoin_jax.training.train_cli import trainer_module
+    from viscoin_jax.training.registry import trainer_module
 
     config = load_config(args.config, overrides)
     devices = _topology_devices(args.topology, args.num_slices, args.gpu_target_config)

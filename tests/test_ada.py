@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from viscoin_jax.training.ada import (AdaState, AugmentConfig, ada_adjust, ada_observe, apply_augment, augment,
+from viscoin_jax.trainers.ada import (AdaState, AugmentConfig, ada_adjust, ada_observe, apply_augment, augment,
                                       color_matrix, sample_augment_params, update_p)
 
 BLIT = AugmentConfig.from_preset("blit")
@@ -106,7 +106,7 @@ def test_integer_translation_matches_reflect_padded_shift(shape):
 def test_translation_direction_moves_content_right_and_down():
     x = np.zeros((1, 8, 8, 1), np.float32)
     x[0, 2, 3, 0] = 1.0
-    from viscoin_jax.training.ada import AugmentParams
+    from viscoin_jax.trainers.ada import AugmentParams
     z = jnp.zeros((1,), jnp.int32)
     f = jnp.zeros((1,), jnp.float32)
     params = AugmentParams(z, z, jnp.array([[2, 1]], jnp.int32), f, f + 1, f, f, f + 1)

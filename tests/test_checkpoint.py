@@ -15,7 +15,7 @@ from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training.checkpoint import Checkpointer, CheckpointError
 from viscoin_jax.training.config import load_config, load_saved_config
 from viscoin_jax.training.loop import load_trained, run_training
-from viscoin_jax.training.toy import ToyTask
+from viscoin_jax.trainers.toy import ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy_regression.py")

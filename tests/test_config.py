@@ -11,7 +11,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from viscoin_jax.training import config as cfg_lib
-from viscoin_jax.training import distributed, train_cli
+from viscoin_jax.cli import train as train_cli
+from viscoin_jax.training import distributed, registry
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy_regression.py")
@@ -152,7 +153,7 @@ def test_train_cli_dispatches_on_trainer(config_file, tmp_path, monkeypatch):
     fake = type(sys)("fake_trainer")
     fake.train = lambda config, workdir: calls.append((config, workdir))
     monkeypatch.setitem(sys.modules, "fake_trainer", fake)
-    monkeypatch.setitem(train_cli.TRAINERS, "toy", "fake_trainer")
+    monkeypatch.setitem(registry.TRAINERS, "toy", "fake_trainer")
     monkeypatch.setenv("VISCOIN_DISTRIBUTED", "0")
     rc = _cli(["train", "--config", str(config_file), "--workdir", str(tmp_path / "w"),
                "--config.train.num_steps=3", "--config.model.name", "vit"])
@@ -176,14 +177,14 @@ def test_train_cli_errors(config_file, tmp_path, capsys):
 
 
 def test_trainer_registry(monkeypatch):
-    assert set(train_cli.TRAINERS) >= {"toy", "classifier", "stylegan2", "viscoin"}
-    toy = train_cli.trainer_module("toy")
+    assert set(registry.TRAINERS) >= {"toy", "classifier", "stylegan2", "viscoin"}
+    toy = registry.trainer_module("toy")
     assert callable(toy.train) and callable(toy.make_task)
-    monkeypatch.setitem(train_cli.TRAINERS, "ghost", "viscoin_jax.training.no_such_trainer")
+    monkeypatch.setitem(registry.TRAINERS, "ghost", "viscoin_jax.trainers.no_such_trainer")
     with pytest.raises(ValueError, match="viscoin_jax.training.no_such_trainer is not available"):
-        train_cli.trainer_module("ghost")
+        registry.trainer_module("ghost")
     with pytest.raises(ValueError, match="unknown trainer 'nope'"):
-        train_cli.trainer_module("nope")
+        registry.trainer_module("nope")
 
 
 def test_local_launcher_runs_cli(tmp_path):
@@ -283,7 +284,7 @@ def test_paper_configs_refuse_to_start_without_lpips_weights_unless_allowed(tmp_
     """pipeline_cub / viscoin_cub stop before any stage trains; the demo keeps the labelled fallback."""
     from viscoin_jax import pipeline
     from viscoin_jax.training.config import load_config as load
-    from viscoin_jax.training.viscoin import check_perceptual
+    from viscoin_jax.trainers.viscoin import check_perceptual
 
     for spec in ("configs/pipeline_cub.py", "configs/pipeline_cub.py:nct"):
         config = load(spec, [])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from viscoin_jax import cli
-from viscoin_jax.training import bench_step
+from viscoin_jax.benchmarks import bench_step
 from viscoin_jax.training import config as cfg_lib
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import pytest
 
 from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.classifier_report import cascade_layers, explain_classifier
-from viscoin_jax.training.classifier import explanation_bundle
-from viscoin_jax.training import classifier
+from viscoin_jax.trainers.classifier import explanation_bundle
+from viscoin_jax.trainers import classifier
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
 

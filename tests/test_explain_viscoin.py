@@ -10,7 +10,7 @@ import pytest
 from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.latent_report import LatentSettings, counterfactual_index
 from viscoin_jax.explain.viscoin_report import ConceptSettings
-from viscoin_jax.training import viscoin
+from viscoin_jax.trainers import viscoin
 
 from viscoin_fixtures import make_frozen_runs, make_viscoin_run
 
@@ -140,7 +140,7 @@ def test_classifier_checkpoint_with_generator_and_bad_requests(runs, tmp_path):
 
 def test_what_g_draws_is_measured_on_real_generator_samples(runs, viscoin_report):
     from viscoin_jax.data.synthetic import colour_in_between, measure_factors
-    from viscoin_jax.training.stylegan2 import latent_models
+    from viscoin_jax.trainers.stylegan2 import latent_models
 
     metrics = json.loads((viscoin_report / "metrics.json").read_text())
     with np.load(viscoin_report / "latent_direction.npz") as a:

@@ -15,7 +15,7 @@ RUN_PATH = """
 import importlib, sys
 from viscoin_jax import cli
 from viscoin_jax.training.config import load_config
-from viscoin_jax.training.train_cli import TRAINERS
+from viscoin_jax.training.registry import TRAINERS
 cli.build_parser()
 for module in TRAINERS.values():
     importlib.import_module(module)

@@ -13,7 +13,7 @@ from viscoin_jax.training import monitor
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
-from viscoin_jax.training.toy import ToyIterator, ToyTask
+from viscoin_jax.trainers.toy import ToyIterator, ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy_regression.py")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels.conv2d_resample import conv_stride1
-from viscoin_jax.training import op_profile
+from viscoin_jax.benchmarks import op_profile
 
 
 def _conv_dot_loss(x, w, m):

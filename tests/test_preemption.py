@@ -10,7 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from viscoin_jax import pipeline
-from viscoin_jax.training import classifier, stylegan2, toy, viscoin
+from viscoin_jax.trainers import classifier, stylegan2, toy, viscoin
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import EXIT_PREEMPTED, Preempted, TrainResult

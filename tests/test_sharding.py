@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from viscoin_jax.training import loop
 from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training.config import load_config
-from viscoin_jax.training.toy import ToyIterator, ToyTask
+from viscoin_jax.trainers.toy import ToyIterator, ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy_regression.py")

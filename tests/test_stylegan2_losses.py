@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from viscoin_jax.training.stylegan2_losses import (d_logistic_loss, ema_beta, ema_update, g_nonsaturating_loss,
+from viscoin_jax.trainers.stylegan2_losses import (d_logistic_loss, ema_beta, ema_update, g_nonsaturating_loss,
                                                    lazy_adam_hparams, mix_ws, path_length_penalty, r1_penalty,
                                                    sample_mixing_cutoff, style_mix)
 

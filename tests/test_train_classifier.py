@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from viscoin_jax.training import classifier
+from viscoin_jax.trainers import classifier
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
 

@@ -14,7 +14,7 @@ import pytest
 
 from viscoin_jax.kernels import lowering_for
 from viscoin_jax.training import mesh as mesh_lib
-from viscoin_jax.training import stylegan2 as sg
+from viscoin_jax.trainers import stylegan2 as sg
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import compile_task, run_training
 
@@ -175,7 +175,7 @@ def test_run_training_straight_and_resumed_equal_the_hand_run(stepped, tmp_path)
     samples = task.sample_images(state)["G_ema"]
     assert samples.shape == (4, 16, 16, 3) and np.isfinite(np.asarray(samples)).all()
     with pytest.raises(ValueError, match="stylegan2"):
-        from viscoin_jax.training import classifier
+        from viscoin_jax.trainers import classifier
         classifier.load(tmp_path / "b")
 
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from viscoin_jax.training.viscoin_losses import (DEFAULT_WEIGHTS, fidelity_loss, l1_loss, mse_loss,
+from viscoin_jax.trainers.viscoin_losses import (DEFAULT_WEIGHTS, fidelity_loss, l1_loss, mse_loss,
                                                  orthogonality_loss, soft_cross_entropy, sparsity_loss, viscoin_loss,
                                                  w_regularization)
 

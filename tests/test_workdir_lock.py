@@ -12,7 +12,7 @@ from viscoin_jax.training import common
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import load_trained, run_training
-from viscoin_jax.training.toy import ToyTask
+from viscoin_jax.trainers.toy import ToyTask
 from viscoin_jax.training.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError, read_lock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from viscoin_jax.training import classifier, stylegan2, viscoin
+from viscoin_jax.trainers import classifier, stylegan2, viscoin
 from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.config import config_to_dict, load_config

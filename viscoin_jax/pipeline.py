@@ -34,7 +34,7 @@ def stage_done(workdir: Path) -> bool:
 
 
 def run_stage(name: str, config: Any, workdir: Path) -> dict:
-    from .training.train_cli import trainer_module
+    from .training.registry import trainer_module
 
     t0 = time.perf_counter()
     log.info("stage %s: training in %s", name, workdir)
@@ -76,7 +76,7 @@ def headline(explained: dict) -> dict:
 def check_stages(config: Any) -> None:
     """Checks what a late stage needs that an early one cannot give (the VisCoIN stage's LPIPS
     weights, or the explicit permission to use the labelled fallback), before any training."""
-    from .training.viscoin import check_perceptual
+    from .trainers.viscoin import check_perceptual
 
     for name in config.stage_order:
         stage = config.stages.get(name)
@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from .training.distributed import maybe_initialize_distributed
     from .training.loop import Preempted
-    from .training.train_cli import report_user_error, user_errors
+    from .cli.train import report_user_error, user_errors
     maybe_initialize_distributed()
     try:
         run_pipeline(config, args.workdir)
@@ -188,7 +188,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline (classifiers, StyleGAN2, VisCoIN, "
                               "explanations) from one config", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .training.train_cli import config_help
+    from .cli.train import config_help
 
     p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]", help=config_help())
     p.add_argument("--workdir", required=True)

@@ -15,12 +15,12 @@ from viscoin_jax import compilation_cache
 # sub-command name -> module that defines it
 COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
-    "train": "viscoin_jax.training.train_cli",
+    "train": "viscoin_jax.cli.train",
     "explain": "viscoin_jax.cli.explain",
     "run": "viscoin_jax.pipeline",
     "convert": "viscoin_jax.convert.cli",
     "results": "viscoin_jax.results",
-    "bench-stylegan2": "viscoin_jax.training.bench_step",
+    "bench-stylegan2": "viscoin_jax.benchmarks.bench_step",
 }
 # sub-commands that keep JAX's persistent compilation cache (see viscoin_jax.compilation_cache)
 CACHED_COMMANDS = ("train", "explain", "run")

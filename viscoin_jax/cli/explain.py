@@ -36,9 +36,9 @@ from ..explain.classifier_report import explain_classifier
 from ..explain.latent_report import LatentSettings, explain_latent
 from ..explain.report import Report
 from ..explain.viscoin_report import ConceptSettings, explain_viscoin
-from ..training import classifier as classifier_trainer
-from ..training import stylegan2 as stylegan2_trainer
-from ..training import viscoin as viscoin_trainer
+from ..trainers import classifier as classifier_trainer
+from ..trainers import stylegan2 as stylegan2_trainer
+from ..trainers import viscoin as viscoin_trainer
 from ..training.common import restore_task_state, training_images
 
 log = logging.getLogger(__name__)

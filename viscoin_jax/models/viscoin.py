@@ -1,7 +1,7 @@
 """VisCoIN networks (Parekh et al., ICLR 2025): concept extractor Psi, interpretable head Theta,
 concept translator Omega, and a container holding the three.
 
-Conventions (shared with `viscoin_jax.explain.concepts` and `viscoin_jax.training.viscoin_losses`):
+Conventions (shared with `viscoin_jax.explain.concepts` and `viscoin_jax.trainers.viscoin_losses`):
 phi is [N, g, g, K] (concepts last, g = 3 by default, b = g * g cells), phi_prime is [N, b K],
 the head weight is [K, C], the concept conv1x1 kernel is [1, 1, C_in, K], ws is [N, num_ws, w_dim].
 

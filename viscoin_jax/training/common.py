@@ -136,7 +136,7 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
     The config saved with the checkpoint rebuilds the task (no training code path is run); the
     arrays are restored replicated on the local devices, whatever mesh saved them.
     """
-    from .train_cli import trainer_module
+    from .registry import trainer_module
 
     ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:

@@ -33,7 +33,7 @@ CONFIG_TXT = "config.txt"
 def base_config() -> ConfigDict:
     """The sections every run has; trainers add `model`, `data`, `loss`, ... on top."""
     c = ConfigDict()
-    c.trainer = ""  # name in viscoin_jax.training.train_cli.TRAINERS
+    c.trainer = ""  # name in viscoin_jax.training.registry.TRAINERS
     c.seed = 0
 
     c.mesh = ConfigDict()

@@ -462,7 +462,7 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
     Returns (config, task, restored); `restored.state["task"]` is the task state.
     """
     from .config import load_saved_config
-    from .train_cli import trainer_module
+    from .registry import trainer_module
 
     config = load_saved_config(workdir)
     task = trainer_module(config.trainer).make_task(config)

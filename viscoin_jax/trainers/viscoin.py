@@ -42,8 +42,8 @@ from flax import nnx
 from ..explain.bundles import LatentModels, VisCoINBundle, VisCoINFunctions
 from ..metrics.lpips import FeaturePerceptualLoss, load_lpips
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
-from . import common
-from .loop import Task, run_training
+from ..training import common
+from ..training.loop import Task, run_training
 from .viscoin_losses import DEFAULT_WEIGHTS, viscoin_loss
 
 log = logging.getLogger(__name__)

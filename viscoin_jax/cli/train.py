@@ -19,37 +19,16 @@ before anything else touches the devices.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-from .config import load_config, parse_override_args
-
-# config.trainer -> module with make_task(config) and train(config, workdir)
-TRAINERS = {
-    "toy": "viscoin_jax.training.toy",
-    "classifier": "viscoin_jax.training.classifier",
-    "stylegan2": "viscoin_jax.training.stylegan2",
-    "viscoin": "viscoin_jax.training.viscoin",
-}
-
-
-def trainer_module(name: str):
-    """Imports the trainer module registered for `config.trainer`."""
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r} (config.trainer); known: {sorted(TRAINERS)}")
-    try:
-        return importlib.import_module(TRAINERS[name])
-    except ModuleNotFoundError as e:
-        if e.name == TRAINERS[name]:
-            raise ValueError(f"trainer {name!r}: module {TRAINERS[name]} is not available") from e
-        raise
-
+from ..training.config import load_config, parse_override_args
+from ..training.registry import TRAINERS, trainer_module
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a run raises for a problem of its inputs (config, data, paths, a busy workdir): the
     command line reports these in one line with exit status 2 instead of a traceback."""
-    from .workdir_lock import WorkdirLockedError
+    from ..training.workdir_lock import WorkdirLockedError
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             WorkdirLockedError)
 
@@ -65,7 +44,7 @@ def report_user_error(prog: str, error: BaseException) -> int:
 
 def config_help() -> str:
     """`--config`'s help: the packaged names, so that `--help` shows what a bare name can be."""
-    from .config import config_names
+    from ..training.config import config_names
     return ("a packaged config (" + ", ".join(config_names()) + ") or a .py file exposing "
             "get_config(arg=None); :VARIANT selects a variant")
 
@@ -102,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
         print(config)
         return 0
 
-    from .distributed import maybe_initialize_distributed
-    from .loop import Preempted
+    from ..training.distributed import maybe_initialize_distributed
+    from ..training.loop import Preempted
     maybe_initialize_distributed()  # before anything touches the devices
     try:
         trainer_module(config.trainer).train(config, args.workdir)

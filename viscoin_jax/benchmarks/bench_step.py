@@ -47,7 +47,7 @@ def _widths(widths: str, mapping_layers: int | None = None) -> dict:
 def stylegan2_config(resolution: int, batch: int, widths: str, impl: str, mapping_layers: int | None = None,
                      extra: tuple[str, ...] = ()):
     """The tiny StyleGAN2 config resized to `resolution`, `widths` networks and `impl` kernels."""
-    from .config import load_config
+    from ..training.config import load_config
 
     w = _widths(widths, mapping_layers)
     over = [f"--config.train.batch_size={batch}", f"--config.data.resolution={resolution}",
@@ -74,9 +74,9 @@ def _time(fn, repeats: int) -> list[float]:
 
 def bench_one(resolution: int, batch: int, widths: str, impl: str, periods: int,
               mapping_layers: int | None = None) -> dict:
-    from . import mesh as mesh_lib
-    from . import stylegan2
-    from .loop import compile_task
+    from ..training import mesh as mesh_lib
+    from ..trainers import stylegan2
+    from ..training.loop import compile_task
 
     config = stylegan2_config(resolution, batch, widths, impl, mapping_layers)
     task = stylegan2.make_task(config)
@@ -154,9 +154,9 @@ def _our_g_unit(resolution: int, batch: int, widths: dict, impl: str):
 def _our_step_unit(resolution: int, batch: int, widths_name: str, mapping_layers, impl: str):
     """One R1 period of the trainer's step with the settings of the NVlabs side (no ADA, no path
     length, style mixing 0.9, lazy R1 every 16 steps)."""
-    from . import mesh as mesh_lib
-    from . import stylegan2
-    from .loop import compile_task
+    from ..training import mesh as mesh_lib
+    from ..trainers import stylegan2
+    from ..training.loop import compile_task
 
     extra = ("--config.ada.enabled=False", "--config.stylegan2.pl_weight=0.0",
              f"--config.stylegan2.r1_gamma={COMPARE_R1_GAMMA}", "--config.stylegan2.style_mixing_prob=0.9",
@@ -196,7 +196,7 @@ class NVlabsWorker:
             raise SystemExit(f"--compare-nvlabs: {path} is not a stylegan2-ada-pytorch checkout "
                              "(no training/networks.py)")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "viscoin_jax.training.nvlabs_worker", str(Path(path).resolve()),
+            [sys.executable, "-m", "viscoin_jax.benchmarks.nvlabs_worker", str(Path(path).resolve()),
              json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=path)
         self.info = self._read()
 

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import mesh as mesh_lib
-from .loop import Task, run_training
+from ..training import mesh as mesh_lib
+from ..training.loop import Task, run_training
 
 
 class MLP(nnx.Module):

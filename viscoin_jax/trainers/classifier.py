@@ -25,8 +25,8 @@ from flax import nnx
 
 from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
-from . import common
-from .loop import Task, run_training
+from ..training import common
+from ..training.loop import Task, run_training
 
 log = logging.getLogger(__name__)
 

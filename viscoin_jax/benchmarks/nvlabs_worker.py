@@ -11,7 +11,7 @@ measurements in one run ("profile" answers {"buckets": {...}}: where one unit's 
   loss, style mixing) with Adam updates and the G_ema update, the lazy R1 step (Dreg, gain =
   interval) at the first; no augmentation, no path length (the caller configures its side alike).
 
-    python -m viscoin_jax.training.nvlabs_worker PATH '{"unit": "g", "resolution": 64, ...}'
+    python -m viscoin_jax.benchmarks.nvlabs_worker PATH '{"unit": "g", "resolution": 64, ...}'
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     for line in sys.stdin:
         command = line.strip()
         if command == "profile":  # one unit under torch.profiler, self CPU seconds per bucket
-            from viscoin_jax.training.op_profile import torch_profile
+            from viscoin_jax.benchmarks.op_profile import torch_profile
 
             print(json.dumps({"buckets": torch_profile(run)}), flush=True)
             continue

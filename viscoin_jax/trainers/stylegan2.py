@@ -46,9 +46,9 @@ from ..data import pipeline
 from ..explain.bundles import LatentModels
 from ..models.stylegan2 import Discriminator, Generator, style_mixing
 from . import ada as ada_lib
-from . import common
+from ..training import common
 from . import stylegan2_losses as losses
-from .loop import Task, run_training
+from ..training.loop import Task, run_training
 
 log = logging.getLogger(__name__)
 
