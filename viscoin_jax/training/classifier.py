@@ -26,6 +26,7 @@ from flax import nnx
 from ..metrics.separability import z_prime_from_labels
 from . import common
 from .loop import Task, run_training
+from .monitor import announce
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
 def train(config: Any, workdir: str):
     result = run_training(make_task(config), config, workdir).raise_if_preempted()
     task = make_task(config)
-    metrics = full_evaluation(task, result.state["task"])
+    with announce(log, f"final evaluation on the {common.eval_extent(config)}"):
+        metrics = full_evaluation(task, result.state["task"])
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:
         Path(workdir, "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
