@@ -5,11 +5,10 @@
     viscoin-jax explain --checkpoint runs/viscoin --images synthetic/blob_binary:test:16 \\
         --methods concepts faithfulness consistency latent_direction latent_interpolation --out runs/report
 
-Methods: attributions of the classifier (gradient, smoothgrad, integrated_gradients, grad_cam,
-occlusion, sanity_check, deletion_insertion), iresnet_counterfactual (i-ResNet checkpoints), the
-VisCoIN concept methods (concepts, faithfulness, consistency; VisCoIN checkpoints) and the latent
-methods (latent_direction, latent_interpolation; a VisCoIN checkpoint, or a classifier checkpoint
-with `--generator <stylegan2 run>`). On a VisCoIN checkpoint the attributions explain its f.
+Methods: attributions of the classifier, the i-ResNet counterfactual (i-ResNet checkpoints), the
+VisCoIN concept methods (VisCoIN checkpoints) and the latent methods (a VisCoIN checkpoint, or a
+classifier checkpoint with `--generator <stylegan2 run>`); `--help` lists them by checkpoint. On
+a VisCoIN checkpoint the attributions explain its f.
 
 Writes `OUT/report.html` (self-contained, images embedded), `OUT/metrics.json` and one
 `OUT/<method>.npz` per method with the raw arrays. `--images` is a synthetic split
@@ -38,6 +37,33 @@ log = logging.getLogger(__name__)
 
 ATTRIBUTION_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion")
 CLASSIFIER_METHODS = ATTRIBUTION_METHODS + ("sanity_check", "deletion_insertion", "iresnet_counterfactual")
+RESNET_ONLY = ("grad_cam",)  # needs a ResNet's named stages
+IRESNET_ONLY = ("iresnet_counterfactual",)  # needs an invertible classifier
+
+
+def methods_by_checkpoint() -> dict[str, tuple[str, ...]]:
+    """The methods `explain` takes on each kind of checkpoint (printed by `explain --help`)."""
+    from .latent_report import LATENT_METHODS
+    from .viscoin_report import VISCOIN_METHODS
+
+    return {
+        "classifier (ResNet)": tuple(m for m in CLASSIFIER_METHODS if m not in IRESNET_ONLY),
+        "iresnet (i-ResNet classifier)": tuple(m for m in CLASSIFIER_METHODS if m not in RESNET_ONLY),
+        "viscoin (and, run on its classifier f, the methods of f's kind)": VISCOIN_METHODS + LATENT_METHODS,
+        "stylegan2 + classifier: a classifier checkpoint with --generator <stylegan2 run> (and the "
+        "classifier's own methods)": LATENT_METHODS,
+    }
+
+
+def methods_help() -> str:
+    """`explain --help`'s epilog: the methods of each kind of checkpoint, from the lists above."""
+    import textwrap
+
+    lines = ["methods by checkpoint (--checkpoint):"]
+    for kind, methods in methods_by_checkpoint().items():
+        lines += textwrap.wrap(f"{kind}:", 100, initial_indent="  ", subsequent_indent="    ")
+        lines += textwrap.wrap(" ".join(methods), 100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +311,7 @@ def explain_classifier(task, state, data, methods, report, out: Path, *, key: in
             continue  # handled below, after the maps they need
         if name not in ATTRIBUTION_METHODS:
             raise ValueError(f"unknown method {name!r} for a classifier checkpoint; known: {CLASSIFIER_METHODS}")
-        if name == "grad_cam" and not is_resnet:
+        if name in RESNET_ONLY and not is_resnet:
             raise ValueError("grad_cam needs a ResNet checkpoint (named stages)")
         maps[name] = np.asarray(attribution_map(name, classifier_fn, feats_fn, images, pred, key=key))
         if name == "integrated_gradients":
@@ -469,8 +495,9 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    from ..cli_logging import setup_logging
+
+    setup_logging("INFO")
     try:
         from .latent_report import LatentSettings
 
@@ -485,11 +512,14 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("explain", help="explain a classifier (or a VisCoIN run) from its checkpoint",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=methods_help(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run's workdir (or its checkpoints/ folder)")
     p.add_argument("--images", required=True,
                    help="synthetic/<variant>:<split>[:N], dataset:<split>[:N] (the run's data set), a folder, or an .npz")
-    p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"])
+    p.add_argument("--methods", nargs="+", default=["gradient", "integrated_gradients", "grad_cam", "occlusion"],
+                   help="what to run (default: %(default)s); the methods of each kind of checkpoint are "
+                   "listed below")
     p.add_argument("--out", required=True, help="output folder for report.html and the npz arrays")
     p.add_argument("--count", type=int, default=None, help="use at most this many images")
     p.add_argument("--generator", default=None,
