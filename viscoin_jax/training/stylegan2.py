@@ -314,7 +314,7 @@ class StyleGAN2Task(Task):
 
         n = int(self.config.fid.num_samples)
         with announce(log, f"FID of G_ema on {n} samples" + (
-                " (and the real images' statistics first)" if self._fid_extractor is None else "")):
+                " (the real images' statistics first)" if self._fid_extractor is None else "")):
             if self._fid_extractor is None:
                 self._fid_extractor = fid_extractor(self.config)
                 self._fid_real_stats = feature_stats(real_images(self.config, n), self._fid_extractor,
@@ -402,8 +402,8 @@ def train(config: Any, workdir: str):
     if int(config.fid.num_samples) > 0:
         state = jax.device_get(result.state["task"])
         n = int(config.fid.num_samples)
-        with announce(log, f"FID of G_ema on {n} samples (final)" + (
-                " (and the real images' statistics first)" if task._fid_real_stats is None else "")):
+        with announce(log, f"FID of G_ema on {n} samples (final" + (
+                "; the real images' statistics first)" if task._fid_real_stats is None else ")")):
             fid_result = compute_fid(task, state, config, task._fid_extractor, task._fid_real_stats)
         log.info("%s", fid_result)
         metrics = {"fid": fid_result.value, "extractor": fid_result.extractor_name,
