@@ -16,6 +16,7 @@ ABOVE_MODELS = {"data", "convert", "metrics", "explain", "training", "trainers",
 FORBIDDEN = {
     "checks": ABOVE_MODELS | {"models"},
     "scores": ABOVE_MODELS | {"models"},
+    "phases": ABOVE_MODELS | {"models"},
     "kernels": ABOVE_MODELS | {"models"},
     "models": ABOVE_MODELS,
     "data": {"metrics", "explain", "training", "trainers", "benchmarks", "cli", "pipeline", "results"},

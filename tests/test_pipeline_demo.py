@@ -5,6 +5,7 @@ steps per stage), then `explain` and `results` from its checkpoints in new proce
 import html.parser
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,28 @@ def test_every_stage_leaves_a_checkpoint_and_the_reports_exist(demo):
     for name, (stage, key) in pipeline.HEADLINE.items():
         value = summary["explain"][stage]["metrics"][key]
         assert isinstance(value, float) and (value == summary["headline"][name] or value != value), name
+
+
+def test_the_log_names_stages_estimates_the_run_and_announces_long_phases(demo):
+    _, proc = demo
+    err = proc.stderr
+    n = len(STAGES) + 1  # the explanations are the last stage
+    for k, stage in enumerate(STAGES, 1):
+        assert f"stage {k}/{n} {stage}: training 4 steps in " in err, stage
+        assert re.search(rf"stage {k}/{n} {stage}: step 4/4: [0-9.e+]+ steps/s, \S+ left in this stage; run: ", err), stage
+        assert f"stage {k}/{n} {stage}: done in " in err, stage
+    assert f"stage 1/{n} classifier: training 4 steps in" in err and "run: ETA after the first stage + explain" in err
+    assert re.search(rf"stage 2/{n} iresnet: training 4 steps in \S+; run: about \S+ left \+ explain", err)
+    assert f"stage {n}/{n} explain: done in " in err
+    # long phases: announced before, timed after
+    for phase in ("compiling the train step", "FID of G_ema on 64 samples", "final evaluation on the",
+                  "projecting 4 images into W+ (5 steps)"):
+        assert re.search(re.escape(phase) + r"[^\n]* \.\.\.\n", err), phase
+        assert re.search(re.escape(phase) + r"[^\n]* took [0-9.]+s", err), phase
+    assert "hparams" not in err  # at DEBUG; each stage's config.txt holds them
+    # each warning once (Orbax's read-only notes, the FID and perceptual fallbacks, ...)
+    warned = re.findall(r"^\S+ \S+ WARNING \S+: (?:\S+:\d+: \w+: )?(.*)$", err, re.MULTILINE)
+    assert warned and len(warned) == len(set(warned)), warned
 
 
 def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_path):

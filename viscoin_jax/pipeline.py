@@ -10,6 +10,17 @@ stopped (an unfinished stage resumes from its own latest checkpoint). A stage st
 a preemption notice saves its checkpoint, gets no DONE, and the pipeline exits with status 75
 (`training.loop.EXIT_PREEMPTED`) without starting the next stage. Later stages read earlier
 ones through `*_workdir` fields filled in here (`viscoin.classifier_workdir`, ...).
+
+Any key of the config can be overridden on the command line, as in `viscoin-jax train`:
+`--config.KEY=VALUE`, where KEY is a dotted path into the pipeline's config, e.g.
+
+    viscoin-jax run --config demo --workdir runs/demo --config.stages.viscoin.train.num_steps=600 \\
+        --config.stages.stylegan2.fid.num_samples=0 --config.explain.enabled=False
+
+The log names each stage as `stage k/N` and estimates the time the run has left from the steps
+still to train and the seconds per step measured so far (from the end of the first stage on);
+`--log-level DEBUG` adds each stage's hyper-parameters (also in `WORKDIR/<stage>/config.txt`) and
+Orbax's file operations.
 """
 
 from __future__ import annotations
@@ -37,7 +48,6 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
     from .training.registry import trainer_module
 
     t0 = time.perf_counter()
-    log.info("stage %s: training in %s", name, workdir)
     out = trainer_module(config.trainer).train(config, str(workdir))
     result = out[0] if isinstance(out, tuple) and out else out
     if getattr(result, "preempted", False):  # a trainer that returned instead of raising
@@ -87,9 +97,20 @@ def check_stages(config: Any) -> None:
                 raise type(e)(f"stage {name!r}: {e}".replace("config.loss.", f"config.stages.{name}.loss.")) from None
 
 
+def stage_steps(config: Any) -> list[tuple[str, int]]:
+    """(name, config.train.num_steps) of each stage in `config.stage_order`."""
+    out = []
+    for name in config.stage_order:
+        if name not in config.stages:
+            raise ValueError(f"config.stage_order names {name!r}, which is not in config.stages")
+        out.append((name, int(config.stages[name].train.num_steps)))
+    return out
+
+
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
     from .training.config import CONFIG_JSON, record_config
+    from .training.monitor import RunProgress, format_seconds, run_progress
 
     workdir = Path(workdir)
     check_stages(config)  # a config that cannot finish fails before the first stage trains
@@ -98,9 +119,25 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
     record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
     summary = {}
     order = list(config.stage_order)
-    for name in order:
-        if name not in config.stages:
-            raise ValueError(f"config.stage_order names {name!r}, which is not in config.stages")
+    progress = RunProgress(stage_steps(config), later=["explain"] if config.explain.enabled else [])
+    with run_progress(progress):
+        _run_stages(config, workdir, order, progress, summary)
+        if config.explain.enabled:
+            progress.begin(len(order))
+            log.info("%s: explanations of %s", progress.label(),
+                     ", ".join(s for s in ("classifier", "iresnet", "viscoin") if s in order))
+            summary["explain"] = run_explanations(config, workdir)
+            summary["headline"] = headline(summary["explain"])
+            log.info("%s: done in %s", progress.label(), format_seconds(progress.end()))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    log.info("pipeline finished: %s", workdir / "summary.json")
+    return summary
+
+
+def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary: dict) -> None:
+    from .training.monitor import format_seconds
+
+    for index, name in enumerate(order):
         stage_cfg = config.stages[name]
         stage_dir = workdir / name
         with stage_cfg.unlocked():
@@ -110,16 +147,16 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
                         raise ValueError(f"stage {name!r} needs stage {source!r} ({field})")
                     stage_cfg[field] = str(workdir / source)
         if stage_done(stage_dir):
-            log.info("stage %s: complete, skipped (%s)", name, stage_dir / DONE)
+            log.info("%s: complete, skipped (%s)", progress.label(index), stage_dir / DONE)
             summary[name] = json.loads((stage_dir / DONE).read_text())
             continue
+        log.info("%s: training %d steps in %s; %s", progress.label(index), progress.stages[index][1],
+                 stage_dir, progress.eta_text(before=index))
+        progress.begin(index)
         summary[name] = run_stage(name, stage_cfg, stage_dir)
-    if config.explain.enabled:
-        summary["explain"] = run_explanations(config, workdir)
-        summary["headline"] = headline(summary["explain"])
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    log.info("pipeline finished: %s", workdir / "summary.json")
-    return summary
+        seconds = progress.end()
+        log.info("%s: done in %s; %s", progress.label(index), format_seconds(seconds),
+                 progress.eta_text(before=index + 1))
 
 
 def run_explanations(config: Any, workdir: Path) -> dict:
@@ -158,10 +195,10 @@ def write_index(report_dir: Path, reports: dict) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .cli.log_setup import setup_logging
     from .training.config import load_config, parse_override_args
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    setup_logging(getattr(args, "log_level", "INFO"))
     overrides = list(getattr(args, "unknown", []) or [])
     try:
         parse_override_args(overrides)
@@ -190,6 +227,14 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     from .cli.train import config_help
 
+    from .cli.log_setup import LEVELS
+
     p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]", help=config_help())
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", required=True, help="one folder per stage, report/ and summary.json go here")
+    p.add_argument("--log-level", default="INFO", choices=LEVELS,
+                   help="DEBUG adds each stage's hyper-parameters and Orbax's file operations")
+    # `--config.KEY=VALUE` overrides arrive as unknown arguments (see viscoin_jax.cli); the usage
+    # line names them, since argparse lists only the options it knows
+    p.usage = ("%(prog)s --config NAME|FILE.py[:VARIANT] --workdir WORKDIR [--log-level LEVEL]\n"
+               "       [--compilation-cache DIR | --no-compilation-cache] [--config.KEY=VALUE ...]")
     p.set_defaults(func=main, allow_unknown=True)

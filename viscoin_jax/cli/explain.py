@@ -40,6 +40,7 @@ from ..trainers import classifier as classifier_trainer
 from ..trainers import stylegan2 as stylegan2_trainer
 from ..trainers import viscoin as viscoin_trainer
 from ..training.common import restore_task_state, training_images
+from .log_setup import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    setup_logging("INFO")
     try:
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
         explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,

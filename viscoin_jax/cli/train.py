@@ -50,6 +50,8 @@ def config_help() -> str:
 
 
 def add_parser(subparsers) -> None:
+    from .log_setup import LEVELS
+
     p = subparsers.add_parser("train", help="train a model from a config file",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,16 +59,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workdir", required=True, help="checkpoints, logs and samples go here")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit without training")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=LEVELS,
+                   help="DEBUG adds the hyper-parameters (also in WORKDIR/config.txt), Orbax's file "
+                   "operations and the traceback of an input error")
     # `--config.a.b=VALUE` overrides arrive as unknown arguments (see viscoin_jax.cli).
     p.set_defaults(func=main, allow_unknown=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":  # Orbax logs every file operation at INFO through absl
-        logging.getLogger("absl").setLevel(logging.WARNING)
+    from .log_setup import setup_logging
+
+    setup_logging(args.log_level)  # absl (Orbax's file operations) at WARNING unless DEBUG
     overrides = list(getattr(args, "unknown", []) or [])
     try:
         parse_override_args(overrides)  # rejects anything that is not --config.KEY=VALUE

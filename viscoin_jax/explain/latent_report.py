@@ -27,6 +27,7 @@ import numpy as np
 from . import interpolation, latent_direction, projection
 from . import methods as registry
 from .bundles import LatentModels
+from ..phases import announce
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
@@ -98,28 +99,27 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary: dict = {}
 
     # --- project into W+ ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    w_avg, w_std = projection.estimate_w_stats(models.mapping_fn, k_stats, z_dim=models.z_dim,
-                                               num_samples=2048, batch_size=256)
-    init = models.init_ws_fn(images) if models.init_ws_fn is not None else None
-    proj = projection.project(models.synthesis_fn, images, init_ws=init, w_avg=w_avg, num_ws=models.num_ws,
-                              w_std=float(w_std), perceptual_fn=models.perceptual_fn, key=k_proj,
-                              config=projection.ProjectionConfig(num_steps=settings.projection_steps))
-    ws = proj.ws
-    logits_in = np.asarray(models.classifier_fn(images))
-    logits_proj = np.asarray(models.classifier_fn(proj.images))
-    pred = logits_in.argmax(-1)
-    # the target: f's second most likely class for the input (the other class of a binary task)
-    target = np.argsort(-logits_in, axis=-1)[:, 1].astype(np.int32)
-    summary["projection MSE (mean)"] = float(np.mean(np.asarray(proj.final_loss)))
-    summary["f agrees on projection and input"] = float(np.mean(logits_proj.argmax(-1) == pred))
-    report.add_image_grid(
-        f"Projections into W+ ({settings.projection_steps} steps, perceptual: {models.perceptual_name}"
-        f"{', warm start: VisCoIN translator' if init is not None else ', start: w_avg'})",
-        np.concatenate([np.asarray(images), np.asarray(proj.images)]),
-        [f"input, f: {p}" for p in pred] + [f"projection, f: {p}" for p in logits_proj.argmax(-1)],
-        cols=len(pred))
-    log.info("projection: %.1fs", time.perf_counter() - t0)
+    with announce(log, f"projecting {len(images)} images into W+ ({settings.projection_steps} steps)"):
+        w_avg, w_std = projection.estimate_w_stats(models.mapping_fn, k_stats, z_dim=models.z_dim,
+                                                   num_samples=2048, batch_size=256)
+        init = models.init_ws_fn(images) if models.init_ws_fn is not None else None
+        proj = projection.project(models.synthesis_fn, images, init_ws=init, w_avg=w_avg, num_ws=models.num_ws,
+                                  w_std=float(w_std), perceptual_fn=models.perceptual_fn, key=k_proj,
+                                  config=projection.ProjectionConfig(num_steps=settings.projection_steps))
+        ws = proj.ws
+        logits_in = np.asarray(models.classifier_fn(images))
+        logits_proj = np.asarray(models.classifier_fn(proj.images))
+        pred = logits_in.argmax(-1)
+        # the target: f's second most likely class for the input (the other class of a binary task)
+        target = np.argsort(-logits_in, axis=-1)[:, 1].astype(np.int32)
+        summary["projection MSE (mean)"] = float(np.mean(np.asarray(proj.final_loss)))
+        summary["f agrees on projection and input"] = float(np.mean(logits_proj.argmax(-1) == pred))
+        report.add_image_grid(
+            f"Projections into W+ ({settings.projection_steps} steps, perceptual: {models.perceptual_name}"
+            f"{', warm start: VisCoIN translator' if init is not None else ', start: w_avg'})",
+            np.concatenate([np.asarray(images), np.asarray(proj.images)]),
+            [f"input, f: {p}" for p in pred] + [f"projection, f: {p}" for p in logits_proj.argmax(-1)],
+            cols=len(pred))
 
     # --- what G draws: a G that never draws a class cannot show a counterfactual into it ------------
     coverage = {}

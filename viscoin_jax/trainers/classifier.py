@@ -27,6 +27,7 @@ from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
 from ..training import common
 from ..training.loop import Task, run_training
+from ..phases import announce
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
 def train(config: Any, workdir: str):
     result = run_training(make_task(config), config, workdir).raise_if_preempted()
     task = make_task(config)
-    metrics = full_evaluation(task, result.state["task"])
+    with announce(log, f"final evaluation on the {common.eval_extent(config)}"):
+        metrics = full_evaluation(task, result.state["task"])
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:
         Path(workdir, "eval_metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -49,6 +49,7 @@ from . import ada as ada_lib
 from ..training import common
 from . import stylegan2_losses as losses
 from ..training.loop import Task, run_training
+from ..phases import announce
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +313,14 @@ class StyleGAN2Task(Task):
             return {}
         from ..metrics.fid import feature_stats
 
-        if self._fid_extractor is None:
-            n = int(self.config.fid.num_samples)
-            self._fid_extractor = fid_extractor(self.config)
-            self._fid_real_stats = feature_stats(real_images(self.config, n), self._fid_extractor,
-                                                 batch_size=int(self.config.fid.batch_size), max_items=n)
-        result = compute_fid(self, state, self.config, self._fid_extractor, self._fid_real_stats)
+        n = int(self.config.fid.num_samples)
+        with announce(log, f"FID of G_ema on {n} samples" + (
+                " (the real images' statistics first)" if self._fid_extractor is None else "")):
+            if self._fid_extractor is None:
+                self._fid_extractor = fid_extractor(self.config)
+                self._fid_real_stats = feature_stats(real_images(self.config, n), self._fid_extractor,
+                                                     batch_size=int(self.config.fid.batch_size), max_items=n)
+            result = compute_fid(self, state, self.config, self._fid_extractor, self._fid_real_stats)
         return {"fid": result.value}
 
     def model_metadata(self) -> dict:
@@ -399,7 +402,10 @@ def train(config: Any, workdir: str):
     metrics = {}
     if int(config.fid.num_samples) > 0:
         state = jax.device_get(result.state["task"])
-        fid_result = compute_fid(task, state, config, task._fid_extractor, task._fid_real_stats)
+        n = int(config.fid.num_samples)
+        with announce(log, f"FID of G_ema on {n} samples (final" + (
+                "; the real images' statistics first)" if task._fid_real_stats is None else ")")):
+            fid_result = compute_fid(task, state, config, task._fid_extractor, task._fid_real_stats)
         log.info("%s", fid_result)
         metrics = {"fid": fid_result.value, "extractor": fid_result.extractor_name,
                    "comparable_with_published": fid_result.comparable, "n_real": fid_result.n_real,

@@ -44,6 +44,7 @@ from ..metrics.lpips import FeaturePerceptualLoss, load_lpips
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
 from ..training import common
 from ..training.loop import Task, run_training
+from ..phases import announce
 from .viscoin_losses import DEFAULT_WEIGHTS, viscoin_loss
 
 log = logging.getLogger(__name__)
@@ -398,7 +399,9 @@ def train(config: Any, workdir: str):
     """run_training, then `final_evaluation` written to workdir/viscoin_eval.json."""
     task = make_task(config)
     result = run_training(task, config, workdir).raise_if_preempted()
-    metrics = final_evaluation(task, jax.device_get(result.state["task"]))
+    extent = common.eval_extent(config, _max_batches(config.eval.get("final_batches", 4)))
+    with announce(log, f"final evaluation on the {extent}"):
+        metrics = final_evaluation(task, jax.device_get(result.state["task"]))
     metrics["step"] = result.step
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:

@@ -59,6 +59,17 @@ def train_batches(config: Any, data_state: Any, keys=("image", "label"), seed_of
     return DataBatches(it, keys)
 
 
+def eval_extent(config: Any, max_batches: int | None = -1) -> str:
+    """What an evaluation pass covers, for a log line: `test split (at most 4 batches of 64)` or
+    `whole test split`. `max_batches` -1 reads `config.eval.max_batches` (<= 0 / None: all)."""
+    if max_batches == -1:
+        max_batches = config.eval.get("max_batches", None)
+    split = config.eval.get("split", "test")
+    if max_batches is None or int(max_batches) <= 0:
+        return f"whole {split} split"
+    return f"{split} split (at most {int(max_batches)} batches of {int(config.eval.batch_size)})"
+
+
 def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None,
                  split: str | None = None):
     """One pass, in order and without augmentation, over `split` (default `config.eval.split`);

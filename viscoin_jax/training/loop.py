@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
 from .config import config_to_dict, record_config
-from .monitor import (DivergenceWatch, Progress, check_finite, create_default_writer,
+from .monitor import (DivergenceWatch, Progress, announce, check_finite, create_default_writer,
                       mean_metrics, to_host, write_image_grid)
 from .workdir_lock import WorkdirLock
 
@@ -398,6 +398,8 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
     eval_metrics: dict[str, float] = {}
     preempted = False
     divergence = DivergenceWatch()  # warns when a loss leaves its running range
+    compiled_variants: set = set()  # the step variants compiled so far (announced once each)
+    metrics = None
 
     with preemption_flag() as sigterm:
         while step < num_steps:
@@ -408,7 +410,16 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                                  f"{num_steps}; make_train_iterator must repeat the data") from None
             batch = mesh_lib.make_global_batch(local_batch, compiled.mesh)
             _check_batch_size(batch, train_cfg.batch_size)
-            state, metrics = compiled.train_step(state, batch, task.step_variant(step))
+            variant = task.step_variant(step)
+            if variant not in compiled_variants:  # compiles (or loads from the cache): announced,
+                compiled_variants.add(variant)  # timed and kept out of steps/s
+                what = "the train step" + (f" (variant {variant})" if variant is not None else "")
+                with progress.paused(sync=lambda: jax.block_until_ready(metrics)), \
+                        announce(log, f"compiling {what} and running step {step + 1}"):
+                    state, metrics = compiled.train_step(state, batch, variant)
+                    jax.block_until_ready(metrics)
+            else:
+                state, metrics = compiled.train_step(state, batch, variant)
             step += 1
             unchecked.append((step, metrics))
 
@@ -428,20 +439,25 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 window = []
 
             step_eval = {}
+            sync = lambda: jax.block_until_ready(metrics)  # noqa: E731
             if _every(step, train_cfg.eval_every) or (last and train_cfg.eval_every > 0):
-                step_eval = eval_metrics = evaluate(task, compiled, state)
+                with progress.paused(sync):  # steps/s counts training steps only
+                    step_eval = eval_metrics = evaluate(task, compiled, state)
                 if eval_metrics:
                     writer.write_scalars(step, eval_metrics)
             if _every(step, train_cfg.sample_every) or (last and train_cfg.sample_every > 0):
-                for name, images in (task.sample_images(state["task"]) or {}).items():
-                    write_image_grid(writer if is_main else None, step, name, images,
-                                     workdir / "images" if is_main else None)
+                with progress.paused(sync):
+                    for name, images in (task.sample_images(state["task"]) or {}).items():
+                        write_image_grid(writer if is_main else None, step, name, images,
+                                         workdir / "images" if is_main else None)
             if save:
-                checkpointer.save(step, state,
-                                  data_state=get_data_state() if get_data_state else None,
-                                  metrics=step_eval or None, config=config_json, metadata=metadata)
+                with progress.paused(sync):
+                    checkpointer.save(step, state,
+                                      data_state=get_data_state() if get_data_state else None,
+                                      metrics=step_eval or None, config=config_json,
+                                      metadata=metadata)
                 last_checkpoint = step
-            progress(step, sync=lambda: jax.block_until_ready(metrics))
+            progress(step, sync=sync)
             if preempted:
                 log.warning("stopping at step %d after a preemption notice (checkpoint saved)",
                             step)

@@ -15,13 +15,16 @@ import math
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from PIL import Image
+
+from ..phases import announce, format_duration, format_seconds
 
 log = logging.getLogger("viscoin_jax.train")
 
@@ -202,16 +205,17 @@ class MetricWriter:
                 self._events.add(step, [_image_value(t, img) for t, img in zip(tags, batch)])
                 self._events.flush()
 
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    def write_texts(self, step: int, texts: Mapping[str, str], *, level: int = logging.INFO) -> None:
         for key, value in texts.items():
-            log.info("[%d] %s: %s", step, key, value)
+            log.log(level, "[%d] %s: %s", step, key, value)
         if self._events is not None:
             self._events.add(step, [_text_value(k, str(v)) for k, v in texts.items()])
             self._events.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The TensorBoard text `hparams`; logged at DEBUG (a person reads the run's config.txt)."""
         text = "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items()))
-        self.write_texts(0, {"hparams": text})
+        self.write_texts(0, {"hparams": text}, level=logging.DEBUG)
 
     def flush(self) -> None:
         if self._events is not None:
@@ -251,7 +255,14 @@ def create_default_writer(logdir: str | Path | None, *, just_logging: bool | Non
 
 
 class Progress:
-    """Logs steps/s and the time left every `every_steps` steps or `every_secs` seconds."""
+    """Logs steps/s and the time left every `every_steps` steps or `every_secs` seconds, and at the
+    last step.
+
+    The rate counts training steps only: the first step (compiling) starts the clock, and the time
+    spent inside `paused()` (evaluation, samples, checkpoints, compiling another step variant) is
+    taken out of the interval. Inside `viscoin-jax run` (a `RunProgress` is active) each report
+    also names the stage (`stage k/N`) and the time left for the whole run.
+    """
 
     def __init__(self, num_steps: int, *, writer: MetricWriter | None = None,
                  every_steps: int | None = 100, every_secs: float | None = 60.0,
@@ -263,6 +274,22 @@ class Progress:
         self.clock = clock
         self._last_step: int | None = None
         self._last_time = 0.0
+        self._paused = 0.0  # seconds inside paused() since the last report
+
+    @contextmanager
+    def paused(self, sync: Callable[[], Any] | None = None) -> Iterator[None]:
+        """Keeps the block's time out of steps/s. `sync` (blocking on the last step's outputs)
+        runs first, so that steps still running on the device count as training time."""
+        if self._last_step is None:  # the clock has not started: nothing to take out
+            yield
+            return
+        if sync is not None:
+            sync()
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._paused += self.clock() - start
 
     def __call__(self, step: int, sync: Callable[[], Any] | None = None) -> dict[str, float] | None:
         """Call after every step; returns the reported numbers when it reports.
@@ -271,33 +298,135 @@ class Progress:
         steps asynchronously, so without it the rate would count dispatched, not finished, steps.
         """
         now = self.clock()
+        run = current_run()
+        if run is not None:
+            run.note_step(step)
         if self._last_step is None:  # the first call only starts the clock (it includes compiling)
-            self._last_step, self._last_time = step, now
+            self._last_step, self._last_time, self._paused = step, now, 0.0
             return None
-        due = (self.every_steps and step % self.every_steps == 0) or (
+        due = (self.every_steps and step % self.every_steps == 0) or step == self.num_steps or (
             self.every_secs is not None and now - self._last_time >= self.every_secs)
         if not due or step == self._last_step or now <= self._last_time:
             return None
         if sync is not None:
             sync()
             now = self.clock()
-        rate = (step - self._last_step) / (now - self._last_time)
+        busy = now - self._last_time - self._paused
+        if busy <= 0:
+            return None
+        rate = (step - self._last_step) / busy
         eta = (self.num_steps - step) / rate if rate > 0 else math.inf
-        self._last_step, self._last_time = step, now
-        log.info("step %d/%d: %.3g steps/s, %s left", step, self.num_steps, rate,
-                 format_duration(eta))
+        self._last_step, self._last_time, self._paused = step, now, 0.0
+        if run is None:
+            log.info("step %d/%d: %.3g steps/s, %s left", step, self.num_steps, rate,
+                     format_duration(eta))
+        else:
+            log.info("%s: step %d/%d: %.3g steps/s, %s left in this stage; %s", run.label(), step,
+                     self.num_steps, rate, format_duration(eta), run.eta_text(eta))
         if self.writer is not None:
             self.writer.write_scalars(step, {"steps_per_sec": rate})
         return {"steps_per_sec": rate, "eta_seconds": eta}
 
 
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+class RunProgress:
+    """Where `viscoin-jax run` stands: `stage k/N` and an estimate of the time the run has left.
+
+    `stages` are the training stages in order as (name, steps); `later` names the phases after them
+    that have no step count (the explanations), counted in N but not in the estimate. The estimate
+    prices each step not yet trained at the seconds per step measured over the stages trained so
+    far in this process (their wall time, compiling and evaluation included, over the steps they
+    trained), and the running stage at its own rate; until a stage has finished it says so.
+    """
+
+    def __init__(self, stages: Sequence[tuple[str, int]], later: Sequence[str] = (),
+                 clock: Callable[[], float] = time.monotonic):
+        self.stages = [(str(name), int(steps)) for name, steps in stages]
+        self.later = list(later)
+        self.total = len(self.stages) + len(self.later)
+        self.clock = clock
+        self.measured: list[tuple[int, float]] = []  # (steps trained, seconds) of finished stages
+        self.index: int | None = None  # the running stage (index into stages + later)
+        self._start = 0.0
+        self._first_step: int | None = None  # the step the running stage started from
+        self._last_step: int | None = None
+
+    def label(self, index: int | None = None) -> str:
+        index = self.index if index is None else index
+        names = [name for name, _ in self.stages] + self.later
+        return f"stage {index + 1}/{self.total} {names[index]}"
+
+    def begin(self, index: int) -> None:
+        self.index, self._start = index, self.clock()
+        self._first_step = self._last_step = None
+
+    def note_step(self, step: int) -> None:
+        """The running stage has done `step` steps (called by `Progress` after each step)."""
+        if self._first_step is None:
+            self._first_step = step - 1
+        self._last_step = step
+
+    def end(self) -> float:
+        """Ends the running stage; a training stage's steps and seconds join the measurement.
+        Returns the stage's seconds."""
+        seconds = self.clock() - self._start
+        if self.index is not None and self.index < len(self.stages):
+            if self._first_step is not None:
+                trained = self._last_step - self._first_step
+            else:  # no step reported (a trainer without Progress): assume all of them
+                trained = self.stages[self.index][1]
+            if trained > 0:
+                self.measured.append((trained, seconds))
+        self.index = None
+        return seconds
+
+    def seconds_per_step(self) -> float | None:
+        steps = sum(n for n, _ in self.measured)
+        return sum(s for _, s in self.measured) / steps if steps else None
+
+    def steps_after(self, index: int) -> int:
+        """Steps of the training stages after stage `index` (0-based)."""
+        return sum(steps for _, steps in self.stages[index + 1:])
+
+    def estimate(self, pending_steps: int, current_left: float = 0.0) -> float | None:
+        """Seconds left: `current_left` (the running stage's own estimate) plus `pending_steps` at
+        the measured seconds per step; None while nothing has been measured and steps wait."""
+        if pending_steps <= 0:
+            return current_left
+        per_step = self.seconds_per_step()
+        return None if per_step is None else current_left + pending_steps * per_step
+
+    def eta_text(self, current_left: float | None = None, *, before: int | None = None) -> str:
+        """`run: about 3m10s left` (+ the phases without steps): from inside the running training
+        stage, whose own estimate is `current_left`, or (`before=k`) before stage k starts."""
+        if before is not None and before >= len(self.stages):
+            return "run: every stage trained" + (f", {', '.join(self.later)} next" if self.later else "")
+        if before is not None:
+            left = self.estimate(sum(steps for _, steps in self.stages[before:]))
+        elif self.index is None or current_left is None or not math.isfinite(current_left):
+            left = None
+        else:
+            left = self.estimate(self.steps_after(self.index), current_left)
+        more = f" + {', '.join(self.later)}" if self.later else ""
+        if left is None:
+            return f"run: ETA after the first stage{more}"
+        return f"run: about {format_duration(left)} left{more}"
+
+
+_RUN: list[RunProgress] = []  # the active RunProgress (a stack: innermost last)
+
+
+@contextmanager
+def run_progress(progress: RunProgress) -> Iterator[RunProgress]:
+    """Makes `progress` the run that `Progress` reports to while the block runs."""
+    _RUN.append(progress)
+    try:
+        yield progress
+    finally:
+        _RUN.remove(progress)
+
+
+def current_run() -> RunProgress | None:
+    return _RUN[-1] if _RUN else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +562,8 @@ def mean_metrics(history: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, 
 
 __all__ = [
     "NonFiniteLossError", "EventFileWriter", "MetricWriter", "crc32c", "create_default_writer",
-    "Progress", "format_duration",
+    "Progress", "RunProgress", "run_progress", "current_run", "announce", "format_duration",
+    "format_seconds",
     "image_grid", "save_png", "write_image_grid", "check_finite", "mean_metrics", "to_host",
     "DivergenceWatch", "is_loss_metric",
 ]
