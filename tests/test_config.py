@@ -181,7 +181,7 @@ def test_trainer_registry(monkeypatch):
     toy = registry.trainer_module("toy")
     assert callable(toy.train) and callable(toy.make_task)
     monkeypatch.setitem(registry.TRAINERS, "ghost", "viscoin_jax.trainers.no_such_trainer")
-    with pytest.raises(ValueError, match="viscoin_jax.training.no_such_trainer is not available"):
+    with pytest.raises(ValueError, match="viscoin_jax.trainers.no_such_trainer is not available"):
         registry.trainer_module("ghost")
     with pytest.raises(ValueError, match="unknown trainer 'nope'"):
         registry.trainer_module("nope")

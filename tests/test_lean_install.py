@@ -60,3 +60,13 @@ def test_readme_installs_lean_first_and_ci_runs_its_test_command():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == second
+
+
+def test_parsing_the_command_line_loads_no_trainer_or_checkpoint_library():
+    """`viscoin-jax --help` stays fast, and no library installs its log handler before a command
+    sets up logging (an early Orbax/absl import once silenced every INFO line of `train`)."""
+    code = ("import sys, viscoin_jax.cli as c; c.build_parser(); "
+            "print([m for m in ('orbax.checkpoint', 'tensorflow_datasets', 'torch', 'flax', 'viscoin_jax.trainers', "
+            "'viscoin_jax.training.loop') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -15,7 +15,7 @@ from viscoin_jax.cli.log_setup import OncePerMessage, warning_text
 from viscoin_jax.training import monitor
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
-from viscoin_jax.training.toy import ToyTask
+from viscoin_jax.trainers.toy import ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy_regression.py")
@@ -168,7 +168,7 @@ def test_once_per_message_filter():
     captured = record("py.warnings", "/a/b.py:12: UserWarning: " + "the fallback is NOT LPIPS\n"
                       "  warnings.warn(FALLBACK, UserWarning)\n")
     assert warning_text(captured) == "the fallback is NOT LPIPS"
-    assert once.filter(record("viscoin_jax.training.viscoin", "the fallback is NOT LPIPS"))
+    assert once.filter(record("viscoin_jax.trainers.viscoin", "the fallback is NOT LPIPS"))
     assert not once.filter(captured)
 
 
@@ -179,7 +179,7 @@ def test_the_command_line_shows_each_warning_once(tmp_path):
         "setup_logging('INFO')\n"
         "def load(i):\n"
         "    logging.getLogger('absl').warning('CheckpointManagerOptions.read_only=True')\n"
-        "    logging.getLogger('viscoin_jax.training.viscoin').warning('fallback: NOT LPIPS')\n"
+        "    logging.getLogger('viscoin_jax.trainers.viscoin').warning('fallback: NOT LPIPS')\n"
         "    warnings.warn('fallback: NOT LPIPS', UserWarning)\n"
         "    warnings.warn('No FID Inception weights given', UserWarning)\n"
         "    logging.getLogger('absl').info('file operation %d', i)\n"

@@ -30,17 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data.synthetic import SyntheticConcepts
 from ..explain import methods as registry
-from ..explain.classifier_report import explain_classifier
-from ..explain.latent_report import LatentSettings, explain_latent
-from ..explain.report import Report
-from ..explain.viscoin_report import ConceptSettings, explain_viscoin
-from ..trainers import classifier as classifier_trainer
-from ..trainers import stylegan2 as stylegan2_trainer
-from ..trainers import viscoin as viscoin_trainer
-from ..training.common import restore_task_state, training_images
 from .log_setup import setup_logging
+
+# The reports, the trainers and the data sets (JAX, Orbax, TFDS) are imported when a command runs,
+# not when the command line is parsed: `viscoin-jax --help` and the other commands start fast.
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +46,8 @@ log = logging.getLogger(__name__)
 def load_images(spec: str, resolution: int, count: int | None = None) -> dict[str, Any]:
     """{'images': float32 [N, R, R, 3] in [-1, 1], 'labels': int [N] or None, 'factors': dict or None}."""
     if spec.startswith("synthetic/"):
+        from ..data.synthetic import SyntheticConcepts
+
         parts = spec[len("synthetic/"):].split(":")
         variant, split = parts[0], parts[1] if len(parts) > 1 else "test"
         n = int(parts[2]) if len(parts) > 2 else (count or 16)
@@ -125,6 +121,15 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     StyleGAN2 run as `generator`, the latent methods. A VisCoIN checkpoint takes the concept methods,
     the latent methods (its own f and G) and the attribution methods (on its classifier f).
     """
+    from ..explain.classifier_report import explain_classifier
+    from ..explain.latent_report import LatentSettings, explain_latent
+    from ..explain.report import Report
+    from ..explain.viscoin_report import ConceptSettings, explain_viscoin
+    from ..trainers import classifier as classifier_trainer
+    from ..trainers import stylegan2 as stylegan2_trainer
+    from ..trainers import viscoin as viscoin_trainer
+    from ..training.common import restore_task_state, training_images
+
     out_dir = Path(out)
     registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded
     task, state, config, metadata = restore_task_state(checkpoint)
@@ -183,6 +188,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 def main(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     try:
+        from ..explain.latent_report import LatentSettings
+
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
         explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
                 latent_settings=latent)
