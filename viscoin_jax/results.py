@@ -196,6 +196,25 @@ def render(data: dict[str, Any], workdir: str) -> str:
                   "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
                   f"into G's images. g's fidelity does not need G; FF does. {why} This run trained G for "
                   f"{sg2.get('steps')} steps.", ""]
+    top_only = em.get("top concepts changing only causal factors")
+    if not ff_low and top_only is not None and top_only < 0.5:
+        parts += [f"**Reading.** FF is {_fmt(vm.get('faithfulness', {}).get('0.1'))} at tau 0.1: removing the relevant "
+                  "concepts moves f's prediction on the reconstructions, so the stain colour passes through the "
+                  "concepts into G's images. Removing only the top concept changed the colour in "
+                  f"{_fmt(em.get('top concepts whose removal changes a causal factor'))} of the images, left it "
+                  f"between the stains in {_fmt(em.get('top concepts removed: colour ambiguous'))} and changed a "
+                  f"nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}: a "
+                  "concept is a 3 x 3 map of where its stain is, so zeroing it also takes away where and how large "
+                  "the blob is, and with one concept per stain an image without its stain's concept has no colour "
+                  "concept left (not pink is not yet purple).", ""]
+    latent_only = em.get("latent counterfactuals changing only causal factors")
+    if latent_only is not None and latent_only < 0.5:
+        parts += ["**Reading.** The latent counterfactuals reach f's confidence, yet change only the colour in "
+                  f"{_fmt(latent_only)} of the images: f is sure of the new class while the blob's colour is still "
+                  f"between the stains in {_fmt(em.get('latent counterfactuals: colour ambiguous'))} of them (its "
+                  "boundary lies in a colour range no training image shows), and the direction, fitted on G's samples, "
+                  f"also moves a nuisance factor (mostly the blob's size) in "
+                  f"{_fmt(em.get('latent counterfactuals changing a nuisance factor'))}: this G ties size to colour.", ""]
     if em.get("projections with a measurable blob") is not None:
         parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "
                   "the latent counterfactuals start from.", ""]

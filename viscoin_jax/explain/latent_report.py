@@ -39,8 +39,8 @@ LATENT_METHODS = registry.names(registry.LATENT)
 class LatentSettings:
     projection_steps: int = 300
     direction_samples: int = 512  # generated samples the logistic regression is fitted on
-    num_series: int = 9  # images along each direction
-    max_shift: float = 2.0  # the series ends at max_shift * w_std along the unit direction
+    num_series: int = 13  # images along each direction (0.25 w_std apart)
+    max_shift: float = 3.0  # the series ends at max_shift * w_std along the unit direction
     confidence: float = 0.9  # the counterfactual: the first image of a series with p(target) >= this
     interpolation_steps: int = 7
     ig_steps: int = 33
