@@ -1,6 +1,6 @@
 """Argument parsing and filter set-up shared by the resampling ops.
 
-The conventions follow the StyleGAN2-ADA reference ops (`torch_utils/ops/upfirdn2d.py`), moved to NHWC:
+The conventions follow the reference ops of NVlabs' stylegan2-ada-pytorch (its `torch_utils/ops/upfirdn2d.py`), moved to NHWC:
 scalings are (x, y), paddings are (x0, x1, y0, y1), and a 1-D filter means a separable filter.
 """
 
