@@ -1,6 +1,5 @@
 """The kernel benchmark runs end to end through the CLI and its work accounting is right."""
 
-import jax.numpy as jnp
 
 from viscoin_jax import cli
 from viscoin_jax.kernels import bench

@@ -12,16 +12,10 @@ from ml_collections import ConfigDict
 from viscoin_jax import pipeline
 from viscoin_jax.trainers import classifier, stylegan2, toy, viscoin
 from viscoin_jax.training.checkpoint import Checkpointer
-from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import EXIT_PREEMPTED, Preempted, TrainResult
+from toy_run import TOY, run_args
 
-REPO = Path(__file__).resolve().parents[1]
-TOY = str(REPO / "configs" / "toy_regression.py")
-RUN = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=32",
-       "--config.train.batch_size=16", "--config.train.num_steps=6", "--config.train.log_every=2",
-       "--config.train.eval_every=0", "--config.train.sample_every=0",
-       "--config.checkpoint.every=2", "--config.checkpoint.max_to_keep=3",
-       "--config.checkpoint.best_metric="]
+RUN = run_args()
 
 pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 

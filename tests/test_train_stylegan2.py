@@ -4,7 +4,6 @@ One tiny model (16 px, 16 channels) stepped by hand on one device is the referen
 tests compare against: the loop's own run (straight and resumed) and a sharded step on 8 devices.
 """
 
-import json
 from pathlib import Path
 
 import jax

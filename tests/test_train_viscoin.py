@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from viscoin_jax.trainers import classifier, stylegan2
-from viscoin_jax.training import mesh as mesh_lib
-from viscoin_jax.trainers import viscoin
-from viscoin_jax.training.checkpoint import Checkpointer
-from viscoin_jax.training.config import config_to_dict, load_config
-from viscoin_jax.training.loop import compile_task
+from viscoin_jax.trainers import classifier, stylegan2, viscoin
 from viscoin_jax.trainers.viscoin_losses import soft_cross_entropy
 
 from viscoin_fixtures import make_frozen_runs, viscoin_config

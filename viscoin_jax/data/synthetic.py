@@ -194,7 +194,7 @@ def render(factors: Mapping[str, np.ndarray], resolution: int) -> np.ndarray:
         raise ValueError(f"render: missing factors {missing}")
     scalar = np.ndim(factors["colour"]) == 0
     f = {k: np.atleast_1d(np.asarray(factors[k])) for k in factor_names()}
-    n, r = f["colour"].shape[0], int(resolution)
+    r = int(resolution)
     col = ((np.arange(r) + 0.5) / r).astype(np.float32)
 
     # Background: a few plane waves (separable: cos(A + B) = cos A cos B - sin A sin B) plus
