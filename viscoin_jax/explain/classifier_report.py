@@ -19,6 +19,7 @@ from ..data.synthetic import measure_factors, measured_factor_roles, measurement
 from ..metrics import attribution_metrics
 from ..metrics.attribution_metrics import cascading_randomisations, param_groups, spearman_correlation
 from ..metrics.counterfactual_metrics import factor_change_analysis, proximity
+from ..models.registry import layer_order
 from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
@@ -53,16 +54,7 @@ def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key:
 def cascade_layers(model_name: str, params) -> list[str]:
     """f's layers as path prefixes in network order (input to output), at the granularity of stages,
     for the cascading randomisation of the sanity check."""
-    groups = param_groups(params)
-    if model_name == "resnet":
-        order = ["conv1", "bn1"] + sorted({g.split("/")[0] for g in groups if g.startswith("layer")},
-                                          key=lambda g: int(g[len("layer"):])) + ["fc"]
-    elif model_name == "iresnet":
-        stages = sorted({g.split("/")[1] for g in groups if g.startswith("stages/")}, key=int)
-        order = [f"stages/{i}" for i in stages] + ["head_bn", "head_fc"]
-    else:
-        raise ValueError(f"sanity_check knows the layer order of resnet and iresnet classifiers, not {model_name!r}")
-    return [layer for layer in order if any(g == layer or g.startswith(layer + "/") for g in groups)]
+    return layer_order(model_name, param_groups(params))
 
 
 SANITY_IMAGES = 8  # images the randomisation check explains (a compile per method, a run per layer)

@@ -25,28 +25,12 @@ from flax import nnx
 
 from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
+from ..models.registry import build_classifier, classifier_spec
 from ..training import common
 from ..training.loop import Task, run_training
 from ..phases import announce
 
 log = logging.getLogger(__name__)
-
-MODELS = ("resnet", "iresnet")
-
-
-def build_classifier(model_cfg: Any, rngs: nnx.Rngs) -> nnx.Module:
-    """The classifier named by `config.model` (constructor arguments = the config's fields)."""
-    kwargs = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    name = kwargs.pop("name", "resnet")
-    if name == "resnet":
-        from ..models.resnet import ResNet
-        return ResNet(**kwargs, rngs=rngs)
-    if name == "iresnet":
-        from ..models.iresnet import IResNet
-        kwargs["in_shape"] = tuple(kwargs["in_shape"])
-        return IResNet(**kwargs, rngs=rngs)
-    raise ValueError(f"unknown classifier config.model.name {name!r}; known: {MODELS}")
-
 
 def classifier_logits(model: nnx.Module, images: jax.Array, train: bool = False) -> jax.Array:
     """Logits of either classifier kind (ResNet returns (logits, features))."""
@@ -201,7 +185,7 @@ def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
         return classifier_fn, features_and_logits_fn
 
     invertible = None
-    if task.config.model.name == "iresnet":
+    if classifier_spec(task.config.model.name).invertible:
         model = task.model(state)
         invertible = InvertibleFunctions(model.forward, model.head, lambda z: model.inverse(z))
     return ClassifierBundle(str(task.config.model.name), state["params"], functions_of,
