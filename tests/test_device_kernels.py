@@ -1,0 +1,77 @@
+"""The Pallas kernels on the accelerator itself against the XLA path on the same device: forward,
+first and second order, float32 and bfloat16, fresh random inputs of odd sizes. Skipped where JAX
+sees no GPU or TPU (CI); `launch/device_check.sh` runs it on a lent machine. On CPU the same kernels
+are checked in interpret mode (test_modulated_conv2d.py, test_upfirdn2d.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from viscoin_jax.kernels import modulated_conv2d, setup_filter, upfirdn2d
+
+pytestmark = pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
+                                reason="needs a GPU or TPU (JAX's default backend is CPU)")
+
+# float32: both paths at HIGHEST precision, so only the summation order differs
+TOL = {jnp.float32: dict(rtol=2e-4, atol=2e-4), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+CONV_CASES = [  # (N, H, W, Cin, Cout, k, up, down)
+    (3, 13, 11, 24, 40, 3, 1, 1), (2, 9, 7, 32, 16, 3, 2, 1), (2, 17, 15, 16, 24, 3, 1, 2), (1, 8, 8, 64, 64, 1, 1, 1),
+]
+FIR_CASES = [  # (N, H, W, C, up, down, padding)
+    (3, 13, 11, 5, 1, 1, 1), (2, 9, 7, 32, 2, 1, (2, 1, 2, 1)), (2, 17, 15, 3, 1, 2, (1, 1, 1, 1)),
+]
+
+
+def _rand(seed, shape, dtype):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _close(a, b, dtype):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = max(1.0, float(np.max(np.abs(b))))
+    np.testing.assert_allclose(a / scale, b / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_modulated_conv2d_on_device_equals_xla(case, dtype):
+    n, h, w, cin, cout, k, up, down = case
+    x, wt = _rand(1, (n, h, w, cin), dtype), _rand(2, (k, k, cin, cout), dtype)
+    styles = (_rand(3, (n, cin), jnp.float32) * 0.5 + 1.0).astype(dtype)
+    pad = k // 2
+
+    def f(impl):
+        def loss(x, wt, styles):
+            y = modulated_conv2d(x, wt, styles, up=up, down=down, padding=pad, impl=impl)
+            return jnp.sum(jnp.tanh(y.astype(jnp.float32)))
+        grad = jax.grad(loss, argnums=(0, 1, 2))
+
+        def second(x, wt, styles):  # R1-style: the gradient's norm, differentiated again
+            gx = grad(x, wt, styles)[0].astype(jnp.float32)
+            return jnp.sum(gx * gx)
+        return jax.jit(lambda *a: (modulated_conv2d(a[0], a[1], a[2], up=up, down=down, padding=pad, impl=impl),
+                                   grad(*a), jax.grad(second, argnums=(0, 1))(*a)))
+
+    ours, ref = f("pallas")(x, wt, styles), f("xla")(x, wt, styles)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", FIR_CASES)
+def test_upfirdn2d_on_device_equals_xla(case, dtype):
+    n, h, w, c, up, down, padding = case
+    x = _rand(4, (n, h, w, c), dtype)
+    filt = setup_filter([1, 3, 3, 1])
+
+    def f(impl):
+        def loss(x):
+            return jnp.sum(jnp.sin(upfirdn2d(x, filt, up=up, down=down, padding=padding, impl=impl)
+                                   .astype(jnp.float32)))
+        second = jax.grad(lambda x: jnp.sum(jnp.square(jax.grad(loss)(x).astype(jnp.float32))))
+        return jax.jit(lambda x: (upfirdn2d(x, filt, up=up, down=down, padding=padding, impl=impl),
+                                  jax.grad(loss)(x), second(x)))
+
+    for a, b in zip(f("pallas")(x), f("xla")(x)):
+        _close(a, b, dtype)
