@@ -23,8 +23,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..convert.torchvision_resnet import load_resnet_checkpoint
 from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
+from ..models.iresnet import IResNet
+from ..models.resnet import ResNet
 from ..training import common
 from ..training.loop import Task, run_training
 from ..phases import announce
@@ -39,10 +42,8 @@ def build_classifier(model_cfg: Any, rngs: nnx.Rngs) -> nnx.Module:
     kwargs = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     name = kwargs.pop("name", "resnet")
     if name == "resnet":
-        from ..models.resnet import ResNet
         return ResNet(**kwargs, rngs=rngs)
     if name == "iresnet":
-        from ..models.iresnet import IResNet
         kwargs["in_shape"] = tuple(kwargs["in_shape"])
         return IResNet(**kwargs, rngs=rngs)
     raise ValueError(f"unknown classifier config.model.name {name!r}; known: {MODELS}")
@@ -128,8 +129,6 @@ def _load_pretrained(path: str, params):
     Every parameter whose shape matches is taken; the classification head is kept from the fresh
     initialisation when the number of classes differs (fine-tuning to a new label set).
     """
-    from ..convert.torchvision_resnet import load_resnet_checkpoint
-
     pretrained = nnx.state(load_resnet_checkpoint(path), nnx.Param)
     flat_new = dict(nnx.to_flat_state(params))
     flat_old = dict(nnx.to_flat_state(pretrained))
