@@ -25,7 +25,7 @@ OPT_OUT = "VISCOIN_JAX_XLA_CPU_FLAGS"
 
 
 def _jaxlib_release() -> tuple[int, int] | None:
-    try:
+    try:  # read before XLA starts, and without importing JAX
         from jaxlib import version
     except ImportError:
         return None
@@ -39,7 +39,7 @@ def _jaxlib_release() -> tuple[int, int] | None:
 def _xla_started() -> bool:
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # only when JAX is loaded: asking must not import it
 
     return xla_bridge.backends_are_initialized()
 

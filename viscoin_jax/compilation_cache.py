@@ -13,6 +13,9 @@ import logging
 import os
 from pathlib import Path
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
+
 log = logging.getLogger("viscoin_jax.compilation_cache")
 
 ENV_DIR = "VISCOIN_JAX_CACHE_DIR"
@@ -37,9 +40,6 @@ def _on_event(event: str, **_) -> None:
 
 def enable(cache_dir: str | None = None) -> str:
     """Turn the persistent cache on (every program, however quick to compile); returns its dir."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
     cache_dir = str(cache_dir or default_dir())
     if "://" not in cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli.explain import explain
+from .cli.log_setup import LEVELS, setup_logging
+from .cli.train import config_help, report_user_error, user_errors
+from .training.config import CONFIG_JSON, load_config, parse_override_args, record_config
+from .training.distributed import maybe_initialize_distributed
+from .training.monitor import RunProgress, format_seconds, run_progress
+from .training.registry import trainer_module
+
+# The trainers, the training loop and the reports (Flax, Orbax) are imported when a stage runs, not
+# when the command line is parsed: `viscoin-jax --help` and the other commands start fast, and no
+# library installs its log handler before `main` sets up logging.
+
 log = logging.getLogger("viscoin_jax.run")
 
 DONE = "DONE"
@@ -45,8 +57,6 @@ def stage_done(workdir: Path) -> bool:
 
 
 def run_stage(name: str, config: Any, workdir: Path) -> dict:
-    from .training.registry import trainer_module
-
     t0 = time.perf_counter()
     out = trainer_module(config.trainer).train(config, str(workdir))
     result = out[0] if isinstance(out, tuple) and out else out
@@ -109,9 +119,6 @@ def stage_steps(config: Any) -> list[tuple[str, int]]:
 
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
     """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
-    from .training.config import CONFIG_JSON, record_config
-    from .training.monitor import RunProgress, format_seconds, run_progress
-
     workdir = Path(workdir)
     check_stages(config)  # a config that cannot finish fails before the first stage trains
     workdir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +142,6 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
 
 
 def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary: dict) -> None:
-    from .training.monitor import format_seconds
-
     for index, name in enumerate(order):
         stage_cfg = config.stages[name]
         stage_dir = workdir / name
@@ -162,7 +167,6 @@ def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary:
 def run_explanations(config: Any, workdir: Path) -> dict:
     """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
     from .explain.latent_report import LatentSettings
-    from .cli.explain import explain
     from .explain.viscoin_report import ConceptSettings
 
     e = config.explain
@@ -195,9 +199,6 @@ def write_index(report_dir: Path, reports: dict) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cli.log_setup import setup_logging
-    from .training.config import load_config, parse_override_args
-
     setup_logging(getattr(args, "log_level", "INFO"))
     overrides = list(getattr(args, "unknown", []) or [])
     try:
@@ -207,9 +208,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2
-    from .training.distributed import maybe_initialize_distributed
     from .training.loop import Preempted
-    from .cli.train import report_user_error, user_errors
     maybe_initialize_distributed()
     try:
         run_pipeline(config, args.workdir)
@@ -225,10 +224,6 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline (classifiers, StyleGAN2, VisCoIN, "
                               "explanations) from one config", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .cli.train import config_help
-
-    from .cli.log_setup import LEVELS
-
     p.add_argument("--config", required=True, metavar="NAME|FILE.py[:VARIANT]", help=config_help())
     p.add_argument("--workdir", required=True, help="one folder per stage, report/ and summary.json go here")
     p.add_argument("--log-level", default="INFO", choices=LEVELS,

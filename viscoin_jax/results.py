@@ -15,9 +15,12 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from .training.monitor import read_scalars
 
 # Parekh et al. (ICLR 2025), VisCoIN on CUB-200 at 256 px (DESIGN.md section 2)
 PAPER_CUB = {"g accuracy": 0.7944, "f accuracy": 0.8056, "FF 0.1": 0.251, "FF 0.2": 0.146, "FF 0.4": 0.044,
@@ -44,8 +47,6 @@ def _load(path: Path) -> dict:
 
 def collect(workdir: str | Path) -> dict[str, Any]:
     """Everything the page shows, as plain data (also usable from a notebook)."""
-    from .training.monitor import read_scalars
-
     w = Path(workdir)
     summary = _load(w / "summary.json")
     if not summary:
@@ -244,8 +245,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"viscoin-jax results: error: {e}", file=sys.stderr)
         return 2
     if args.out and data.get("sample_grid"):  # keep the sample grid beside the page
-        import shutil
-
         copy = Path(args.out).with_name(Path(args.out).stem + "_samples.png")
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(args.workdir) / data["sample_grid"], copy)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..training import mesh as mesh_lib
+from ..training.config import load_config
 from . import op_profile
+
+# The trainer, the training loop, Flax and the models are imported when a benchmark runs, not when
+# the command line is parsed (`viscoin-jax --help` builds this command's parser).
 
 WIDTHS = {
     "paper256": dict(channel_base=16384, channel_max=512, z_dim=512, w_dim=512, mapping_layers=8),
@@ -47,8 +54,6 @@ def _widths(widths: str, mapping_layers: int | None = None) -> dict:
 def stylegan2_config(resolution: int, batch: int, widths: str, impl: str, mapping_layers: int | None = None,
                      extra: tuple[str, ...] = ()):
     """The tiny StyleGAN2 config resized to `resolution`, `widths` networks and `impl` kernels."""
-    from ..training.config import load_config
-
     w = _widths(widths, mapping_layers)
     over = [f"--config.train.batch_size={batch}", f"--config.data.resolution={resolution}",
             f"--config.model.generator.img_resolution={resolution}",
@@ -74,7 +79,6 @@ def _time(fn, repeats: int) -> list[float]:
 
 def bench_one(resolution: int, batch: int, widths: str, impl: str, periods: int,
               mapping_layers: int | None = None) -> dict:
-    from ..training import mesh as mesh_lib
     from ..trainers import stylegan2
     from ..training.loop import compile_task
 
@@ -154,7 +158,6 @@ def _our_g_unit(resolution: int, batch: int, widths: dict, impl: str):
 def _our_step_unit(resolution: int, batch: int, widths_name: str, mapping_layers, impl: str):
     """One R1 period of the trainer's step with the settings of the NVlabs side (no ADA, no path
     length, style mixing 0.9, lazy R1 every 16 steps)."""
-    from ..training import mesh as mesh_lib
     from ..trainers import stylegan2
     from ..training.loop import compile_task
 
@@ -189,9 +192,6 @@ class NVlabsWorker:
     """The NVlabs side in a subprocess (`nvlabs_worker`): `run()` times one unit there."""
 
     def __init__(self, path: str, spec: dict):
-        import subprocess
-        import sys
-
         if not (Path(path) / "training" / "networks.py").is_file():
             raise SystemExit(f"--compare-nvlabs: {path} is not a stylegan2-ada-pytorch checkout "
                              "(no training/networks.py)")

@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     for line in sys.stdin:
         command = line.strip()
         if command == "profile":  # one unit under torch.profiler, self CPU seconds per bucket
+            # only when profiling: the worker otherwise imports nothing of viscoin_jax (nor JAX)
             from viscoin_jax.benchmarks.op_profile import torch_profile
 
             print(json.dumps({"buckets": torch_profile(run)}), flush=True)

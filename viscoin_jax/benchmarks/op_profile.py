@@ -19,6 +19,9 @@ import re
 import tempfile
 from pathlib import Path
 
+import jax
+from jax.profiler import ProfileData
+
 BUCKETS = ("conv forward", "conv backward", "matmul", "element-wise", "reduction", "copy / layout", "other")
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
@@ -189,9 +192,6 @@ def fair_share(intervals) -> dict[str, float]:
 def trace_jax(run, hlo_texts: list[str]) -> tuple[dict, list[tuple]]:
     """Runs `run()` under the JAX profiler; returns ({bucket: seconds}, [(seconds, op, bucket, order,
     where), ...] sorted, largest first). `hlo_texts`: the compiled modules `run` executes."""
-    import jax
-    from jax.profiler import ProfileData
-
     index = HloIndex("\n".join(hlo_texts))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):

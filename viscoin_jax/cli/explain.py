@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..explain import methods as registry
 from .log_setup import setup_logging
@@ -63,8 +64,6 @@ def load_images(spec: str, resolution: int, count: int | None = None) -> dict[st
         raise FileNotFoundError(f"--images {spec}: no such file or folder (or use synthetic/<variant>:<split>)")
     labels = None
     if path.is_dir():
-        from PIL import Image
-
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"))
         if not files:
             raise ValueError(f"--images {spec}: the folder holds no .png/.jpg/.tif images")

@@ -22,13 +22,16 @@ import argparse
 import logging
 import sys
 
-from ..training.config import load_config, parse_override_args
+from ..training.config import config_names, load_config, parse_override_args
+from ..training.distributed import maybe_initialize_distributed
 from ..training.registry import TRAINERS, trainer_module
+from ..training.workdir_lock import WorkdirLockedError
+from .log_setup import LEVELS, setup_logging
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a run raises for a problem of its inputs (config, data, paths, a busy workdir): the
     command line reports these in one line with exit status 2 instead of a traceback."""
-    from ..training.workdir_lock import WorkdirLockedError
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             WorkdirLockedError)
 
@@ -44,14 +47,11 @@ def report_user_error(prog: str, error: BaseException) -> int:
 
 def config_help() -> str:
     """`--config`'s help: the packaged names, so that `--help` shows what a bare name can be."""
-    from ..training.config import config_names
     return ("a packaged config (" + ", ".join(config_names()) + ") or a .py file exposing "
             "get_config(arg=None); :VARIANT selects a variant")
 
 
 def add_parser(subparsers) -> None:
-    from .log_setup import LEVELS
-
     p = subparsers.add_parser("train", help="train a model from a config file",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,8 +67,6 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .log_setup import setup_logging
-
     setup_logging(args.log_level)  # absl (Orbax's file operations) at WARNING unless DEBUG
     overrides = list(getattr(args, "unknown", []) or [])
     try:
@@ -84,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         print(config)
         return 0
 
-    from ..training.distributed import maybe_initialize_distributed
+    # the training loop (Flax, Orbax) only now, after logging is set up: not when the command line is parsed
     from ..training.loop import Preempted
     maybe_initialize_distributed()  # before anything touches the devices
     try:

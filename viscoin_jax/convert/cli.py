@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Each converter (Flax, Orbax; torch for .pth files) is imported when its command runs, not when the
+# command line is parsed: `viscoin-jax --help` builds this command's parser. The StyleGAN2 converter's
+# module is imported to build its parser and keeps its own heavy imports inside its functions.
+
 
 def _resnet(args) -> int:
     from .torchvision_resnet import convert_resnet, save_resnet_checkpoint

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from viscoin_jax.models.inception import FIDInceptionV3
@@ -102,8 +103,6 @@ def save_params(params: Mapping[str, Any], out_path: str | os.PathLike, *, overw
         with open(out_path, "wb") as f:  # a file object stops numpy from appending another .npz
             np.savez(f, **flat)
         return out_path
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out_path, unflatten_params(flat), force=overwrite)
     checkpointer.wait_until_finished()
@@ -116,8 +115,6 @@ def load_params(path: str | os.PathLike) -> Params:
     if not path.exists():
         raise FileNotFoundError(f"no such weight file or directory: {path}")
     if path.is_dir():
-        import orbax.checkpoint as ocp
-
         try:
             restored = ocp.StandardCheckpointer().restore(path)
         except Exception as e:

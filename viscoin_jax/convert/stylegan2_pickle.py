@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import io
 import json
 import pickle
@@ -46,7 +47,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # installed with jax
 import numpy as np
+
+from viscoin_jax.kernels import setup_filter
+
+# `viscoin-jax convert` builds its parser from this module (`add_convert_parser`), so Flax, Orbax and
+# the models (which import Flax) are imported inside the functions that convert or load, not here:
+# parsing the command line loads no Flax or Orbax (tests/test_lean_install.py).
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # legacy torch.save header
 LEGACY_PROTOCOL_VERSION = 1001
@@ -262,8 +272,6 @@ def _materialise(value: Any, depth: int = 0) -> Any:
 
 
 def _storage_types() -> dict[str, _StorageType]:
-    import ml_dtypes  # installed with jax
-
     dtypes = {
         "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
         "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
@@ -476,8 +484,6 @@ _IGNORED = {"num_fp16_res", "fp16_channels_last", "channels_last", "fused_modcon
 
 def _malformed_as_value_error(fn):
     """Whatever a malformed network in a pickle makes `fn` raise becomes a one-line ValueError."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -611,8 +617,6 @@ def reference_to_state(model, state_dict: dict[str, np.ndarray]) -> dict:
     """
     from flax import nnx
 
-    from viscoin_jax.kernels import setup_filter
-
     modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
     flat = {}
     used = set()
@@ -653,8 +657,6 @@ def reference_to_state(model, state_dict: dict[str, np.ndarray]) -> dict:
 
 def _from_reference(cls, kwargs: dict, state_dict: dict, impl: str):
     """`cls(**kwargs)` built abstractly (no initialisers run), then filled from `state_dict`."""
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     try:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from viscoin_jax.models.resnet import RESNET_SPECS, ResNet
@@ -225,8 +226,6 @@ def save_resnet_checkpoint(model: ResNet, out_dir: str | os.PathLike, config: Ma
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out_dir / STATE_DIR, _str_keys(nnx.to_pure_dict(nnx.state(model))), force=True)
     checkpointer.wait_until_finished()
@@ -262,8 +261,6 @@ def load_resnet_checkpoint(ckpt_dir: str | os.PathLike) -> ResNet:
                                                     config["small_input"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{ckpt_dir / CONFIG_FILE} holds an invalid ResNet config: {e}") from e
-    import orbax.checkpoint as ocp
-
     try:
         restored = ocp.StandardCheckpointer().restore(ckpt_dir / STATE_DIR)
     except Exception as e:

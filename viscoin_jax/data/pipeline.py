@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from ml_collections import ConfigDict
 
 from viscoin_jax.data import sources, synthetic, transforms
 
@@ -46,8 +49,6 @@ AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 
 def data_config(**overrides) -> Any:
     """The data options as an `ml_collections.ConfigDict` (for config files), with overrides."""
-    from ml_collections import ConfigDict
-
     c = ConfigDict(dataclasses.asdict(DataOptions()))
     for k, v in overrides.items():
         if k not in c:
@@ -194,8 +195,6 @@ def _transform(o: DataOptions):
 def _shard(o: DataOptions) -> tuple[int, int]:
     if o.shard_count is not None:
         return int(o.shard_index), int(o.shard_count)
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
@@ -235,8 +234,6 @@ def make_dataset(config: Any = None, *, source=None, **overrides) -> grain.IterD
     drop = o.train if o.drop_remainder is None else bool(o.drop_remainder)
     it = it.batch(int(o.batch_size), drop_remainder=drop)
     if o.worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(o.worker_count)))

@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 # ---------------------------------------------------------------------------------------------
 # Constants of the generative process.
@@ -371,8 +372,6 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
     brightness: background luminance over the nominal one. `found` is False where no blob was
     seen (then colour and shape are -1 and the others NaN).
     """
-    from scipy import ndimage
-
     x = _to_unit(images)
     n, h, w, _ = x.shape
     bg = np.median(x.reshape(n, h * w, 3), axis=1)  # [N, 3]

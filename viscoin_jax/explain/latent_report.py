@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..data.synthetic import colour_in_between, measure_factors, measured_factor_roles, measurement_outcomes
+from ..metrics import counterfactual_metrics as cfm
+from ..phases import announce
 from . import interpolation, latent_direction, projection
 from . import methods as registry
 from .bundles import LatentModels
-from ..phases import announce
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,6 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
 
     `variant` (a synthetic data set) adds which measured factors the counterfactuals changed.
     """
-    from ..metrics import counterfactual_metrics as cfm
-
     unknown = [m for m in methods if m not in LATENT_METHODS]
     if unknown:
         raise ValueError(f"unknown latent methods {unknown}; known: {LATENT_METHODS}")
@@ -132,8 +132,6 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         summary["G samples f assigns to the rarer class"] = min(shares)
         captions = [f"f: {c}" for c in sample_class[:16]]
         if variant is not None:
-            from ..data.synthetic import colour_in_between, measure_factors
-
             measured = measure_factors(samples)
             between = colour_in_between(measured["colour_score"])
             summary["G samples with a measurable blob"] = float(np.mean(measured["found"]))
@@ -207,8 +205,6 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary["latent counterfactual target confidence"] = settings.confidence
     summary["latent counterfactuals reaching the confidence"] = float(np.mean(p_cf >= settings.confidence))
     if variant is not None:
-        from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
-
         causal, nuisance, tolerance = measured_factor_roles(variant)
         summary["projections with a measurable blob"] = float(np.mean(measure_factors(np.asarray(proj.images))["found"]))
         changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,

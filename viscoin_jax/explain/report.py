@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from PIL import Image
 
@@ -78,8 +79,6 @@ def heatmap_overlay(images, maps, *, cmap: str = "jet", alpha: float = 0.5, sign
     0 sits at the colormap's centre (use a diverging cmap such as "bwr"). Constant maps are shown
     as the colormap's low end (centre when signed).
     """
-    import matplotlib
-
     imgs = to_uint8(images)
     if imgs.ndim == 3:
         imgs = np.repeat(imgs[..., None], 3, axis=-1)

@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
+from ..metrics import counterfactual_metrics as cfm
+from ..metrics import viscoin_metrics
 from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
 from . import methods as registry
@@ -54,9 +57,6 @@ def _batches(images: np.ndarray, size: int) -> list[np.ndarray]:
 def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, out: Path,
                     settings: ConceptSettings = ConceptSettings(), *, variant: str | None = None) -> dict:
     """Runs the VisCoIN `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics."""
-    from ..metrics import counterfactual_metrics as cfm
-    from ..metrics import viscoin_metrics
-
     unknown = [m for m in methods if m not in VISCOIN_METHODS]
     if unknown:
         raise ValueError(f"unknown VisCoIN methods {unknown}; known: {VISCOIN_METHODS}")
@@ -117,8 +117,6 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
-            from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
-
             causal, nuisance, tolerance = measured_factor_roles(variant)
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             changes = cfm.factor_change_analysis(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from viscoin_jax.convert.inception_weights import (build_with_params, load_fid_inception, param_shapes,
                                                    unflatten_params)
@@ -165,8 +166,6 @@ class FeatureStats:
 
     def update(self, features: Any) -> None:
         if isinstance(features, jax.Array) and not features.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             features = multihost_utils.process_allgather(features, tiled=True)
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ..convert.torchvision_resnet import load_resnet_checkpoint
 from ..explain.bundles import ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
 from ..models.registry import build_classifier, classifier_spec
@@ -112,8 +113,6 @@ def _load_pretrained(path: str, params):
     Every parameter whose shape matches is taken; the classification head is kept from the fresh
     initialisation when the number of classes differs (fine-tuning to a new label set).
     """
-    from ..convert.torchvision_resnet import load_resnet_checkpoint
-
     pretrained = nnx.state(load_resnet_checkpoint(path), nnx.Param)
     flat_new = dict(nnx.to_flat_state(params))
     flat_old = dict(nnx.to_flat_state(pretrained))

@@ -44,6 +44,7 @@ from flax import nnx
 
 from ..data import pipeline
 from ..explain.bundles import LatentModels
+from ..metrics import fid as fid_lib
 from ..models.stylegan2 import Discriminator, Generator, style_mixing
 from . import ada as ada_lib
 from ..training import common
@@ -311,14 +312,12 @@ class StyleGAN2Task(Task):
         """FID of G_ema at each evaluation (config.train.eval_every): the FID trend of a run."""
         if int(self.config.fid.num_samples) <= 0:
             return {}
-        from ..metrics.fid import feature_stats
-
         n = int(self.config.fid.num_samples)
         with announce(log, f"FID of G_ema on {n} samples" + (
                 " (the real images' statistics first)" if self._fid_extractor is None else "")):
             if self._fid_extractor is None:
                 self._fid_extractor = fid_extractor(self.config)
-                self._fid_real_stats = feature_stats(real_images(self.config, n), self._fid_extractor,
+                self._fid_real_stats = fid_lib.feature_stats(real_images(self.config, n), self._fid_extractor,
                                                      batch_size=int(self.config.fid.batch_size), max_items=n)
             result = compute_fid(self, state, self.config, self._fid_extractor, self._fid_real_stats)
         return {"fid": result.value}
@@ -373,25 +372,21 @@ def real_images(config: Any, num_images: int):
 
 def fid_extractor(config: Any):
     """The standard FID Inception from config.fid.inception_weights, or ('' ) the labelled fallback."""
-    from ..metrics.fid import make_fid_extractor
-
     path = str(config.fid.get("inception_weights", ""))
     if path and not Path(path).exists():
         raise FileNotFoundError(f"config.fid.inception_weights={path!r} does not exist")
-    return make_fid_extractor(path or None, seed=int(config.fid.get("fallback_seed", 0)),
+    return fid_lib.make_fid_extractor(path or None, seed=int(config.fid.get("fallback_seed", 0)),
                               fallback_input_size=int(config.fid.get("fallback_input_size", 299)))
 
 
 def compute_fid(task: StyleGAN2Task, state, config: Any | None = None, extractor=None, real_stats=None):
     """FID of G_ema against the training images (config.fid.num_samples of each); a FIDResult."""
-    from ..metrics.fid import compute_fid as fid, feature_stats
-
     config = config or task.config
     n, batch = int(config.fid.num_samples), int(config.fid.batch_size)
     extractor = extractor or fid_extractor(config)
     if real_stats is None:
-        real_stats = feature_stats(real_images(config, n), extractor, batch_size=batch, max_items=n)
-    return fid(real_stats, generator_sampler(task, state), extractor, n_samples=n, batch_size=batch,
+        real_stats = fid_lib.feature_stats(real_images(config, n), extractor, batch_size=batch, max_items=n)
+    return fid_lib.compute_fid(real_stats, generator_sampler(task, state), extractor, n_samples=n, batch_size=batch,
                seed=int(config.seed))
 
 

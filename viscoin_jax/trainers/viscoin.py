@@ -41,10 +41,13 @@ from flax import nnx
 
 from ..explain.bundles import LatentModels, VisCoINBundle, VisCoINFunctions
 from ..metrics.lpips import FeaturePerceptualLoss, load_lpips
+from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
 from ..training import common
 from ..training.loop import Task, run_training
 from ..phases import announce
+from . import classifier as classifier_lib
+from . import stylegan2 as stylegan2_lib
 from .viscoin_losses import DEFAULT_WEIGHTS, viscoin_loss
 
 log = logging.getLogger(__name__)
@@ -91,9 +94,6 @@ def _loss_weights(loss_cfg: Any) -> dict[str, float]:
 class VisCoINTask(Task):
     def __init__(self, config: Any):
         super().__init__(config)
-        from . import classifier as classifier_lib
-        from . import stylegan2 as stylegan2_lib
-
         for key in ("classifier_workdir", "generator_workdir"):
             if not str(config.get(key, "")):
                 raise ValueError(f"config.{key} must name a trained run directory")
@@ -257,8 +257,6 @@ class VisCoINTask(Task):
 
     def host_evaluate(self, state):
         """Faithfulness FF (median over the evaluation batches) at tau 0.1 / 0.2 / 0.4, at each evaluation."""
-        from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
-
         batches = [b["image"] for b in self.make_eval_iterator()]
         if not batches:
             return {}
@@ -359,8 +357,6 @@ def make_task(config: Any) -> VisCoINTask:
 
 def final_evaluation(task: VisCoINTask, state, max_batches: int | None = None) -> dict[str, Any]:
     """g accuracy, fidelity to f, reconstruction MSE / perceptual distance and FF on eval batches."""
-    from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
-
     cfg = task.config
     if max_batches is None:
         max_batches = int(cfg.eval.get("final_batches", 4))

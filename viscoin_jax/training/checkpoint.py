@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 log = logging.getLogger(__name__)
@@ -413,7 +414,6 @@ class Checkpointer:
                 os.replace(self.step_dir(step), target)
             kept[step] = target
         if jax.process_count() > 1:  # every process sees the moves before it lists steps again
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("viscoin_jax checkpoint set aside")
         self._manager.reload()
         return kept

@@ -22,6 +22,8 @@ from ..data import pipeline, sources
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer
 from .config import config_from_dict
+from .loop import compile_task
+from .registry import trainer_module
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +149,6 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
     The config saved with the checkpoint rebuilds the task (no training code path is run); the
     arrays are restored replicated on the local devices, whatever mesh saved them.
     """
-    from .registry import trainer_module
-
     ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:
         if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
@@ -160,7 +160,6 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
         if expected_trainer is not None and config.trainer != expected_trainer:
             raise ValueError(f"{path} holds a {config.trainer!r} run, expected {expected_trainer!r}")
         task = trainer_module(config.trainer).make_task(config)
-        from .loop import compile_task
         one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
         abstract = compile_task(task, one_device).abstract_state
         restored = ckpt.restore(abstract, step, restore_data=False)

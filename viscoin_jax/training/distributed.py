@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import jax
+
 log = logging.getLogger(__name__)
 
 
@@ -91,8 +93,6 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
 
     Returns True when this call (or an earlier one) initialised it.
     """
-    import jax
-
     if jax.distributed.is_initialized():
         return True
     decision = launch_decision(env)

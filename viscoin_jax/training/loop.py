@@ -27,9 +27,10 @@ from jax.sharding import Mesh
 
 from . import mesh as mesh_lib
 from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
-from .config import config_to_dict, record_config
+from .config import config_to_dict, load_saved_config, record_config
 from .monitor import (DivergenceWatch, Progress, announce, check_finite, create_default_writer,
                       mean_metrics, to_host, write_image_grid)
+from .registry import trainer_module
 from .workdir_lock import WorkdirLock
 
 log = logging.getLogger("viscoin_jax.train")
@@ -477,9 +478,6 @@ def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None
     `mesh` (default: `config.mesh` over the devices present, which may differ from the run's).
     Returns (config, task, restored); `restored.state["task"]` is the task state.
     """
-    from .config import load_saved_config
-    from .registry import trainer_module
-
     config = load_saved_config(workdir)
     task = trainer_module(config.trainer).make_task(config)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from ..phases import announce, format_duration, format_seconds
@@ -41,7 +42,6 @@ def to_host(tree: Any) -> Any:
     """Fetches a pytree of (possibly multi-process sharded) arrays as numpy arrays."""
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(one, tree)
