@@ -62,7 +62,8 @@ def test_trace_jax_accounts_for_the_run_and_ranks_the_convolution_first():
     jitted, text = _compiled(_conv_dot_loss, x, w, m)
     jax.block_until_ready(jitted(x, w, m))
     t0 = time.perf_counter()
-    buckets, rows = op_profile.trace_jax(lambda: jitted(x, w, m), [text])
+    # three calls in one trace: a loaded machine may still lose one op's end event
+    buckets, rows = op_profile.trace_jax(lambda: [jitted(x, w, m) for _ in range(3)], [text])
     wall = time.perf_counter() - t0
     assert rows and sum(buckets.values()) == pytest.approx(sum(r[0] for r in rows))
     assert 0 < sum(buckets.values()) < wall  # op events happen inside the traced call

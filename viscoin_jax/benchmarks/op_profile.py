@@ -17,6 +17,7 @@ import collections
 import glob
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -189,6 +190,9 @@ def fair_share(intervals) -> dict[str, float]:
     return dict(per_op)
 
 
+END_EVENT_GRACE_S = 0.25
+
+
 def trace_jax(run, hlo_texts: list[str]) -> tuple[dict, list[tuple]]:
     """Runs `run()` under the JAX profiler; returns ({bucket: seconds}, [(seconds, op, bucket, order,
     where), ...] sorted, largest first). `hlo_texts`: the compiled modules `run` executes."""
@@ -196,6 +200,10 @@ def trace_jax(run, hlo_texts: list[str]) -> tuple[dict, list[tuple]]:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             jax.block_until_ready(run())
+            # XLA:CPU records an async op's "end:" event on its worker thread just after the result
+            # is ready; stopping the trace at once can drop it (seen on a loaded machine: the
+            # convolution vanished from the profile), so the trace stays open a moment longer.
+            time.sleep(END_EVENT_GRACE_S)
         files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         if not files:
             raise RuntimeError("the JAX profiler wrote no trace")
