@@ -434,6 +434,16 @@ class Checkpointer:
         return out[0], out[1]
 
 
-__all__ = ["Checkpointer", "CheckpointError", "Restored", "CHECKPOINT_SUBDIR", "DataStateHandler",
+def checkpoint_dir(path: str | Path) -> Path:
+    """Accepts a run's workdir or its `checkpoints/` directory; returns the latter."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+        return path / CHECKPOINT_SUBDIR
+    return path
+
+
+__all__ = ["checkpoint_dir", "Checkpointer", "CheckpointError", "Restored", "CHECKPOINT_SUBDIR", "DataStateHandler",
            "CHECKSUMS", "DAMAGED_SUBDIR", "step_checksums", "write_checksums", "verify_checksums",
            "DataStateSave", "DataStateRestore"]

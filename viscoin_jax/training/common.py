@@ -20,10 +20,7 @@ import optax
 
 from ..data import pipeline, sources
 from . import mesh as mesh_lib
-from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer
-from .config import config_from_dict
-from .loop import compile_task
-from .registry import trainer_module
+from .loop import restore_run
 
 log = logging.getLogger(__name__)
 
@@ -133,39 +130,12 @@ def make_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """Accepts a run's workdir or its `checkpoints/` directory; returns the latter."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if (path / CHECKPOINT_SUBDIR).is_dir():
-        return path / CHECKPOINT_SUBDIR
-    return path
-
-
 def restore_task_state(path: str | Path, step: int | None = None, expected_trainer: str | None = None):
-    """(task, task_state, config, metadata) of a run, on this process's devices.
-
-    The config saved with the checkpoint rebuilds the task (no training code path is run); the
-    arrays are restored replicated on the local devices, whatever mesh saved them.
-    """
-    ckpt = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
-    try:
-        if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
-            step = ckpt.latest_verified_step()
-        config_json, metadata = ckpt.read_json(step)
-        if config_json is None:
-            raise FileNotFoundError(f"checkpoint in {path} has no saved config")
-        config = config_from_dict(config_json)
-        if expected_trainer is not None and config.trainer != expected_trainer:
-            raise ValueError(f"{path} holds a {config.trainer!r} run, expected {expected_trainer!r}")
-        task = trainer_module(config.trainer).make_task(config)
-        one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
-        abstract = compile_task(task, one_device).abstract_state
-        restored = ckpt.restore(abstract, step, restore_data=False)
-    finally:
-        ckpt.close()
-    return task, restored.state["task"], config, metadata or {}
+    """(task, task_state, config, metadata) of a run, replicated on this process's first device
+    whatever mesh saved it (`loop.restore_run` does the work)."""
+    one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
+    config, task, restored, metadata = restore_run(path, step, mesh=one_device, expected_trainer=expected_trainer)
+    return task, restored.state["task"], config, metadata
 
 
 def import_attr(path: str):

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from . import mesh as mesh_lib
-from .checkpoint import CHECKPOINT_SUBDIR, Checkpointer, Restored
-from .config import config_to_dict, load_saved_config, record_config
+from .checkpoint import Checkpointer, Restored, checkpoint_dir
+from .config import config_from_dict, config_to_dict, record_config
 from .monitor import (DivergenceWatch, Progress, announce, check_finite, create_default_writer,
                       mean_metrics, to_host, write_image_grid)
 from .registry import trainer_module
@@ -469,28 +469,38 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                        num_steps=num_steps, workdir=str(workdir))
 
 
-def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
-                 ) -> tuple[Any, Task, Restored]:
-    """Rebuilds a finished (or running) run from its workdir, for explanation and evaluation.
-
-    Reads the saved config, builds the trainer's task from it (`make_task(config)` of the module
-    registered for `config.trainer`) and restores checkpoint `step` (default: the latest) onto
-    `mesh` (default: `config.mesh` over the devices present, which may differ from the run's).
-    Returns (config, task, restored); `restored.state["task"]` is the task state.
-    """
-    config = load_saved_config(workdir)
-    task = trainer_module(config.trainer).make_task(config)
-    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
-    abstract = compile_task(task, mesh).abstract_state
-    checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_SUBDIR, read_only=True)
+def restore_run(path: str | Path, step: int | None = None, *, mesh: Mesh | None = None,
+                expected_trainer: str | None = None) -> tuple[Any, Task, Restored, dict]:
+    """Rebuilds a run (finished or running) from its workdir or checkpoints/ folder, for explanation
+    and evaluation: the config saved in checkpoint `step` (default: the newest undamaged one) builds
+    the trainer's task (`make_task(config)` of the module registered for `config.trainer`; no
+    training code runs), and the arrays are restored onto `mesh` (default: `config.mesh` over the
+    devices present, which may differ from the run's). Returns (config, task, restored, metadata);
+    `restored.state["task"]` is the task state. Read-only: a save in flight is left alone."""
+    checkpointer = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
     try:
         if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
             step = checkpointer.latest_verified_step()
-        restored = checkpointer.restore(abstract, step, restore_data=False)
+        config_json, metadata = checkpointer.read_json(step)
+        if config_json is None:
+            raise FileNotFoundError(f"checkpoint in {path} has no saved config")
+        config = config_from_dict(config_json)
+        if expected_trainer is not None and config.trainer != expected_trainer:
+            raise ValueError(f"{path} holds a {config.trainer!r} run, expected {expected_trainer!r}")
+        task = trainer_module(config.trainer).make_task(config)
+        mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+        restored = checkpointer.restore(compile_task(task, mesh).abstract_state, step, restore_data=False)
     finally:
         checkpointer.close()
+    return config, task, restored, metadata or {}
+
+
+def load_trained(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
+                 ) -> tuple[Any, Task, Restored]:
+    """(config, task, restored) of a run: `restore_run` without the metadata."""
+    config, task, restored, _ = restore_run(workdir, step, mesh=mesh)
     return config, task, restored
 
 
 __all__ = ["Task", "TrainResult", "Preempted", "EXIT_PREEMPTED", "Compiled", "compile_task", "abstract_global_batch",
-           "preemption_flag", "evaluate", "check_run", "run_training", "load_trained"]
+           "preemption_flag", "evaluate", "check_run", "run_training", "restore_run", "load_trained"]
