@@ -30,14 +30,19 @@ def check_rgb_images(images, name: str = "images") -> jax.Array:
     return check_images(images, name, channels=3)
 
 
+def check_float_array(x, name: str, ndim: int, layout: str) -> jax.Array:
+    """x as a floating-point array of `ndim` dimensions; `layout` names them in the error."""
+    x = jnp.asarray(x)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D {layout} array, got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
+    return x
+
+
 def check_ws(ws, name: str = "ws") -> jax.Array:
     """ws as a float array [N, num_ws, w_dim]."""
-    ws = jnp.asarray(ws)
-    if ws.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D [N, num_ws, w_dim] array, got shape {ws.shape}")
-    if not jnp.issubdtype(ws.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {ws.dtype}")
-    return ws
+    return check_float_array(ws, name, 3, "[N, num_ws, w_dim]")
 
 
 def check_single_ws(ws, name: str = "ws") -> jax.Array:
@@ -47,19 +52,12 @@ def check_single_ws(ws, name: str = "ws") -> jax.Array:
         ws = ws[0]
     if ws.ndim != 2:
         raise ValueError(f"{name} must be one latent of shape [num_ws, w_dim] or [1, num_ws, w_dim], got {ws.shape}")
-    if not jnp.issubdtype(ws.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {ws.dtype}")
-    return ws
+    return check_float_array(ws, name, 2, "[num_ws, w_dim]")
 
 
 def check_phi(phi, name: str = "phi") -> jax.Array:
     """VisCoIN concept maps as a float [N, h, w, K] array."""
-    phi = jnp.asarray(phi)
-    if phi.ndim != 4:
-        raise ValueError(f"{name} must be a 4-D [N, h, w, K] array of concept maps, got shape {phi.shape}")
-    if not jnp.issubdtype(phi.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got {phi.dtype}")
-    return phi
+    return check_float_array(phi, name, 4, "[N, h, w, K] (concept maps)")
 
 
 def check_choice(value, choices, name: str) -> None:
@@ -140,5 +138,5 @@ def broadcast_to_images(value, images, name: str) -> jax.Array:
         raise ValueError(f"{name} must be a scalar or broadcastable to {images.shape}, got shape {v.shape}") from None
 
 
-__all__ = ["check_images", "check_rgb_images", "check_ws", "check_single_ws", "check_phi", "check_choice", "check_positive_int",
+__all__ = ["check_images", "check_rgb_images", "check_float_array", "check_ws", "check_single_ws", "check_phi", "check_choice", "check_positive_int",
            "concrete", "check_class_range", "class_indices", "check_targets", "as_key", "broadcast_to_images"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -271,15 +272,24 @@ def compare_one(path: str, unit: str, resolution: int, batch: int, widths_name: 
             "jax": jax.__version__, "device": jax.devices()[0].device_kind}
 
 
-def print_compare_table(rows: list[dict]) -> None:
-    header = (f"{'unit':>5} {'res':>4} {'batch':>5} {'G params':>11} {'ours s':>8} {'NVlabs s':>9} "
-              f"{'ours img/s':>10} {'NVlabs img/s':>12} {'speed vs NVlabs':>15}")
+def print_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """A fixed-width table: `columns` are (title, row key, format spec such as ">9.3f")."""
+    widths = [re.match(r"[<>^]?\d+", spec).group(0) for _, _, spec in columns]
+    header = " ".join(f"{title:{width}}" for (title, _, _), width in zip(columns, widths))
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['unit']:>5} {r['resolution']:>4} {r['batch']:>5} {r['G_params']:>11,} {r['ours_s']:>8.3f} "
-              f"{r['nvlabs_s']:>9.3f} {r['ours_images_per_s']:>10.2f} {r['nvlabs_images_per_s']:>12.2f} "
-              f"{r['speed_vs_nvlabs']:>14.2f}x")
+        print(" ".join(f"{r[key]:{spec}}" for _, key, spec in columns))
+
+
+COMPARE_COLUMNS = [("unit", "unit", ">5"), ("res", "resolution", ">4"), ("batch", "batch", ">5"),
+                   ("G params", "G_params", ">11,"), ("ours s", "ours_s", ">8.3f"), ("NVlabs s", "nvlabs_s", ">9.3f"),
+                   ("ours img/s", "ours_images_per_s", ">10.2f"), ("NVlabs img/s", "nvlabs_images_per_s", ">12.2f"),
+                   ("x NVlabs", "speed_vs_nvlabs", ">8.2f")]
+STEP_COLUMNS = [("res", "resolution", ">4"), ("batch", "batch", ">5"), ("widths", "widths", ">9"), ("impl", "impl", ">5"),
+                ("G params", "G_params", ">10,"), ("compile s", "compile_s", ">9.1f"), ("step ms", "train_step_ms", ">9.1f"),
+                ("train img/s", "train_images_per_s", ">11.2f"), ("G fwd ms", "synthesis_ms", ">9.1f"),
+                ("G fwd img/s", "synthesis_images_per_s", ">11.2f")]
 
 
 def print_profile(row: dict) -> None:
@@ -292,17 +302,6 @@ def print_profile(row: dict) -> None:
     for r in row["profile_ours_top_ops"][:20]:
         print(f"{r['seconds']:>8.3f} {r['bucket']:<15} {r['derivative_order']:>5}  {r['where']:<40} {r['op']}")
     print()
-
-
-def print_table(rows: list[dict]) -> None:
-    header = (f"{'res':>4} {'batch':>5} {'widths':>9} {'impl':>5} {'G params':>10} {'compile s':>9} "
-              f"{'step ms':>9} {'train img/s':>11} {'G fwd ms':>9} {'G fwd img/s':>11}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['resolution']:>4} {r['batch']:>5} {r['widths']:>9} {r['impl']:>5} {r['G_params']:>10,} "
-              f"{r['compile_s']:>9.1f} {r['train_step_ms']:>9.1f} {r['train_images_per_s']:>11.2f} "
-              f"{r['synthesis_ms']:>9.1f} {r['synthesis_images_per_s']:>11.2f}")
 
 
 def _batches(args) -> list[int]:
@@ -329,7 +328,7 @@ def main(args: argparse.Namespace) -> int:
               f"(torch {rows[0]['torch']}, {rows[0]['torch_threads']} threads) alternating on "
               f"{jax.devices()[0].device_kind}; medians of {args.repeats}; 'step' = one R1 period of 16 "
               "training steps:\n")
-        print_compare_table(rows)
+        print_rows(rows, COMPARE_COLUMNS)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
@@ -341,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(row), flush=True)
     print(f"\nStyleGAN2 training step on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"lazy R1 / path-length terms amortised over {args.periods} R1 period(s) of 16 steps:\n")
-    print_table(rows)
+    print_rows(rows, STEP_COLUMNS)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

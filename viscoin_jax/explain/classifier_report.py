@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 from ..metrics import attribution_metrics
 from ..metrics.attribution_metrics import cascading_randomisations, param_groups, spearman_correlation
-from ..metrics.counterfactual_metrics import factor_change_analysis, proximity
+from ..metrics.counterfactual_metrics import proximity
 from ..models.registry import layer_order
 from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
 from .bundles import ClassifierBundle
+from .factor_changes import measured_changes
 from .report import save_arrays
 
 log = logging.getLogger(__name__)
@@ -236,17 +236,7 @@ def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, 
                "i-ResNet inverse converged": float(np.mean(np.asarray(result.converged))),
                "i-ResNet counterfactual L1": float(np.mean(np.asarray(proximity(images, cfs)["l1"])))}
     if variant is not None:  # which generative factors the counterfactuals changed (measured on the images)
-        causal, nuisance, tolerance = measured_factor_roles(variant)
-        changes = factor_change_analysis(measure_factors, images, cfs, causal=causal, nuisance=nuisance,
-                                         tolerance=tolerance,
-                                         outcomes_fn=measurement_outcomes)
-        metrics["i-ResNet counterfactuals changing a causal factor"] = changes.any_causal
-        metrics["i-ResNet counterfactuals changing a nuisance factor"] = changes.any_nuisance
-        metrics["i-ResNet counterfactuals changing only causal factors"] = changes.causal_only
-        for outcome, rate in changes.outcome_rate.items():  # not counted as changes
-            metrics[f"i-ResNet counterfactuals: {outcome}"] = rate
-        report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
-                         title=f"Factors changed by the i-ResNet counterfactuals (causal: {', '.join(causal)})")
+        metrics.update(measured_changes(images, cfs, variant, report, "i-ResNet counterfactuals")[0])
     return metrics
 
 

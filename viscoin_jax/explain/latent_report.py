@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.synthetic import colour_in_between, measure_factors, measured_factor_roles, measurement_outcomes
+from ..data.synthetic import colour_in_between, measure_factors
 from ..metrics import counterfactual_metrics as cfm
 from ..phases import announce
 from . import interpolation, latent_direction, projection
 from . import methods as registry
 from .bundles import LatentModels
+from .factor_changes import measured_changes
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
@@ -205,18 +206,8 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     summary["latent counterfactual target confidence"] = settings.confidence
     summary["latent counterfactuals reaching the confidence"] = float(np.mean(p_cf >= settings.confidence))
     if variant is not None:
-        causal, nuisance, tolerance = measured_factor_roles(variant)
         summary["projections with a measurable blob"] = float(np.mean(measure_factors(np.asarray(proj.images))["found"]))
-        changes = cfm.factor_change_analysis(measure_factors, proj.images, counterfactuals, causal=causal,
-                                             nuisance=nuisance, tolerance=tolerance,
-                                             outcomes_fn=measurement_outcomes)
-        summary["latent counterfactuals changing a causal factor"] = changes.any_causal
-        summary["latent counterfactuals changing a nuisance factor"] = changes.any_nuisance
-        summary["latent counterfactuals changing only causal factors"] = changes.causal_only
-        for outcome, rate in changes.outcome_rate.items():  # not counted as changes
-            summary[f"latent counterfactuals: {outcome}"] = rate
-        report.add_table([[k, v] for k, v in changes.change_rate.items()], ["factor", "fraction changed"],
-                         title=f"Factors changed by the latent counterfactuals (causal: {', '.join(causal)})")
+        summary.update(measured_changes(proj.images, counterfactuals, variant, report, "latent counterfactuals")[0])
     log.info("latent directions: %.1fs", time.perf_counter() - t0)
 
     # --- interpolation between the projection and the counterfactual --------------------------------

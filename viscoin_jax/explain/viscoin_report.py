@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
-from ..metrics import counterfactual_metrics as cfm
+from ..data.synthetic import measure_factors
 from ..metrics import viscoin_metrics
 from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
 from . import methods as registry
 from .bundles import VisCoINBundle
+from .factor_changes import measured_changes
 from .report import Report, save_arrays
 
 log = logging.getLogger(__name__)
@@ -117,20 +117,14 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
-            causal, nuisance, tolerance = measured_factor_roles(variant)
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
-            changes = cfm.factor_change_analysis(
-                measure_factors, drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)],
-                causal=causal, nuisance=nuisance, tolerance=tolerance,
-                outcomes_fn=measurement_outcomes)
-            summary["top concepts whose removal changes a causal factor"] = changes.any_causal
-            summary["top concepts whose removal changes a nuisance factor"] = changes.any_nuisance
-            summary["top concepts changing only causal factors"] = changes.causal_only
-            for outcome, rate in changes.outcome_rate.items():  # not counted as changes
-                summary[f"top concepts removed: {outcome}"] = rate
-            report.add_table([[k_, v] for k_, v in changes.change_rate.items()], ["factor", "fraction changed"],
-                             title="Factors changed by removing each image's top concept (lambda 1 -> 0)")
-            arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in causal]), axis=0)
+            rows, changes = measured_changes(
+                drawings[:, 0, lambdas.index(1.0)], drawings[:, 0, lambdas.index(0.0)], variant, report,
+                "top concepts", causal_key="top concepts whose removal changes a causal factor",
+                nuisance_key="top concepts whose removal changes a nuisance factor",
+                outcome_prefix="top concepts removed: ")
+            summary.update(rows)
+            arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
         save_arrays(out, "concepts", **arrays)
         log.info("concepts: %.1fs", time.perf_counter() - t0)
 

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..checks import check_float_array
+
 FEATURE_KEYS = ("stage2", "stage3", "stage4_penultimate")
 
 
@@ -111,12 +113,7 @@ def default_prime_split(num_ws: int) -> tuple[int, int]:
 
 
 def _check_map(x, name):
-    x = jnp.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"{name} must be a [N, H, W, C] feature map, got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    return x
+    return check_float_array(x, name, 4, "[N, H, W, C] (feature map)")
 
 
 # ----------------------------------------------------------------------------- Psi

@@ -204,5 +204,4 @@ def train(config: Any, workdir: str):
 
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a trained classifier, for explanations and VisCoIN training."""
-    task, state, config, _ = common.restore_task_state(workdir, step, expected_trainer="classifier")
-    return task, state, config
+    return common.load_run(workdir, "classifier", step)

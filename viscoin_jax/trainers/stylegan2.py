@@ -412,8 +412,7 @@ def train(config: Any, workdir: str):
 
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a trained StyleGAN2 run (see `generator_from_state`)."""
-    task, state, config, _ = common.restore_task_state(workdir, step, expected_trainer="stylegan2")
-    return task, state, config
+    return common.load_run(workdir, "stylegan2", step)
 
 
 def latent_models(generator_workdir: str, classifier_fn) -> LatentModels:

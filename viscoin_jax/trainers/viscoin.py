@@ -408,8 +408,7 @@ def train(config: Any, workdir: str):
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a VisCoIN run (see `viscoin_apply`); f and G come from the
     classifier / generator run directories saved in the config."""
-    task, state, config, _ = common.restore_task_state(workdir, step, expected_trainer="viscoin")
-    return task, state, config
+    return common.load_run(workdir, "viscoin", step)
 
 
 __all__ = ["VisCoINTask", "VisCoINFunctions", "viscoin_apply", "explanation_bundle", "latent_models", "make_task",

@@ -138,6 +138,12 @@ def restore_task_state(path: str | Path, step: int | None = None, expected_train
     return task, restored.state["task"], config, metadata
 
 
+def load_run(workdir: str | Path, trainer: str, step: int | None = None):
+    """(task, state, config) of a `trainer` run, for explanations and the stages that build on it."""
+    task, state, config, _ = restore_task_state(workdir, step, expected_trainer=trainer)
+    return task, state, config
+
+
 def import_attr(path: str):
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
