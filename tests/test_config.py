@@ -282,7 +282,7 @@ def test_pipeline_configs_load_and_leave_links_to_the_pipeline(spec):
 
 def test_paper_configs_refuse_to_start_without_lpips_weights_unless_allowed(tmp_path):
     """pipeline_cub / viscoin_cub stop before any stage trains; the demo keeps the labelled fallback."""
-    from viscoin_jax import pipeline
+    from viscoin_jax.cli import run as pipeline
     from viscoin_jax.training.config import load_config as load
     from viscoin_jax.trainers.viscoin import check_perceptual
 

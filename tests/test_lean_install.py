@@ -19,7 +19,7 @@ from viscoin_jax.training.registry import TRAINERS
 cli.build_parser()
 for module in TRAINERS.values():
     importlib.import_module(module)
-for module in ("viscoin_jax.pipeline", "viscoin_jax.cli.explain", "viscoin_jax.data.synthetic",
+for module in ("viscoin_jax.cli.run", "viscoin_jax.cli.explain", "viscoin_jax.data.synthetic",
                "viscoin_jax.data.pipeline", "viscoin_jax.training.loop"):
     importlib.import_module(module)
 load_config("demo")

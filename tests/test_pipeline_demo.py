@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from viscoin_jax import pipeline
+from viscoin_jax.cli import run as pipeline
 from viscoin_jax.training.config import load_config
 
 STAGES = ("classifier", "iresnet", "stylegan2", "viscoin")

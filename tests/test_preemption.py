@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from viscoin_jax import pipeline
+from viscoin_jax.cli import run as pipeline
 from viscoin_jax.trainers import classifier, stylegan2, toy, viscoin
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.loop import EXIT_PREEMPTED, Preempted, TrainResult

@@ -9,7 +9,8 @@ import time
 import pytest
 from ml_collections import ConfigDict
 
-from viscoin_jax import cli, pipeline
+from viscoin_jax import cli
+from viscoin_jax.cli import run as pipeline
 from viscoin_jax.cli.log_setup import OncePerMessage, warning_text
 from viscoin_jax.training import monitor
 from viscoin_jax.training.config import load_config

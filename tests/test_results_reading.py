@@ -2,7 +2,7 @@
 
 import pytest
 
-from viscoin_jax import results
+from viscoin_jax.cli import results
 
 
 def _data(between, rarer, causal=0.0, ff=0.01, found=1.0):

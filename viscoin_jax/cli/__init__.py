@@ -17,9 +17,9 @@ COMMANDS = {
     "bench-kernels": "viscoin_jax.kernels.bench",
     "train": "viscoin_jax.cli.train",
     "explain": "viscoin_jax.cli.explain",
-    "run": "viscoin_jax.pipeline",
+    "run": "viscoin_jax.cli.run",
     "convert": "viscoin_jax.convert.cli",
-    "results": "viscoin_jax.results",
+    "results": "viscoin_jax.cli.results",
     "bench-stylegan2": "viscoin_jax.benchmarks.bench_step",
 }
 # sub-commands that keep JAX's persistent compilation cache (see viscoin_jax.compilation_cache)

@@ -33,13 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli.explain import explain
-from .cli.log_setup import LEVELS, setup_logging
-from .cli.train import config_help, report_user_error, user_errors
-from .training.config import CONFIG_JSON, load_config, parse_override_args, record_config
-from .training.distributed import maybe_initialize_distributed
-from .training.monitor import RunProgress, format_seconds, run_progress
-from .training.registry import trainer_module
+from ..training.config import CONFIG_JSON, load_config, parse_override_args, record_config
+from ..training.distributed import maybe_initialize_distributed
+from ..training.monitor import RunProgress, format_seconds, run_progress
+from ..training.registry import trainer_module
+from .explain import explain
+from .log_setup import LEVELS, setup_logging
+from .train import config_help, report_user_error, user_errors
 
 # The trainers, the training loop and the reports (Flax, Orbax) are imported when a stage runs, not
 # when the command line is parsed: `viscoin-jax --help` and the other commands start fast, and no
@@ -96,7 +96,7 @@ def headline(explained: dict) -> dict:
 def check_stages(config: Any) -> None:
     """Checks what a late stage needs that an early one cannot give (the VisCoIN stage's LPIPS
     weights, or the explicit permission to use the labelled fallback), before any training."""
-    from .trainers.viscoin import check_perceptual
+    from ..trainers.viscoin import check_perceptual
 
     for name in config.stage_order:
         stage = config.stages.get(name)
@@ -166,8 +166,8 @@ def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary:
 
 def run_explanations(config: Any, workdir: Path) -> dict:
     """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
-    from .explain.latent_report import LatentSettings
-    from .explain.viscoin_report import ConceptSettings
+    from ..explain.latent_report import LatentSettings
+    from ..explain.viscoin_report import ConceptSettings
 
     e = config.explain
     latent = LatentSettings(projection_steps=int(e.projection_steps), direction_samples=int(e.direction_samples))
@@ -188,7 +188,7 @@ def run_explanations(config: Any, workdir: Path) -> dict:
 
 def write_index(report_dir: Path, reports: dict) -> Path:
     """report/index.html: a link to each stage's report and its headline metrics."""
-    from .explain.report import Report
+    from ..explain.report import Report
 
     index = Report("viscoin-jax pipeline: explanations")
     for stage, item in reports.items():
@@ -208,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax run: error: {e}", file=sys.stderr)
         return 2
-    from .training.loop import Preempted
+    from ..training.loop import Preempted
     maybe_initialize_distributed()
     try:
         run_pipeline(config, args.workdir)

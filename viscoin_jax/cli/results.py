@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .training.monitor import read_scalars
+from ..training.monitor import read_scalars
 
 # Parekh et al. (ICLR 2025), VisCoIN on CUB-200 at 256 px (DESIGN.md section 2)
 PAPER_CUB = {"g accuracy": 0.7944, "f accuracy": 0.8056, "FF 0.1": 0.251, "FF 0.2": 0.146, "FF 0.4": 0.044,
