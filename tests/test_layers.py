@@ -27,17 +27,17 @@ FORBIDDEN = {
 }
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def _module_name(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Second-level names under viscoin_jax that `path` imports (absolute or relative)."""
-    module = _module_name(path)
+def imported_packages(path: Path, root: Path = ROOT) -> set[str]:
+    """Second-level names under viscoin_jax that `path` (below `root`) imports (absolute or relative)."""
+    module = _module_name(path, root)
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -64,12 +64,7 @@ def test_the_import_reader_resolves_relative_and_absolute_imports(tmp_path):
     f = pkg / "x.py"
     f.write_text("from ..explain import run\nfrom . import maps\nimport viscoin_jax.training.loop\n"
                  "def g():\n    from ..models.concepts import scale_concepts\n")
-    global ROOT
-    old, ROOT = ROOT, tmp_path
-    try:
-        assert imported_packages(f) == {"explain", "metrics", "training", "models"}
-    finally:
-        ROOT = old
+    assert imported_packages(f, tmp_path) == {"explain", "metrics", "training", "models"}
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))

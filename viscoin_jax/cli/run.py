@@ -35,7 +35,8 @@ from typing import Any
 
 from ..training.config import CONFIG_JSON, load_config, parse_override_args, record_config
 from ..training.distributed import maybe_initialize_distributed
-from ..training.monitor import RunProgress, format_seconds, run_progress
+from ..phases import format_seconds
+from ..training.monitor import RunProgress, run_progress
 from ..training.registry import trainer_module
 from .explain import explain
 from .log_setup import LEVELS, setup_logging

@@ -18,7 +18,7 @@ import numpy as np
 from ..metrics import attribution_metrics
 from ..metrics.attribution_metrics import cascading_randomisations, param_groups, spearman_correlation
 from ..metrics.counterfactual_metrics import proximity
-from ..models.registry import layer_order
+from ..models.registry import classifier_spec, layer_order
 from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ATTRIBUTION_METHODS = registry.names(registry.CLASSIFIER, attribution=True)
 CLASSIFIER_METHODS = registry.names(registry.CLASSIFIER)
+GRAD_CAM_LAYER = "stage4"  # the named feature map Grad-CAM reads
 
 
 def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key: int = 0) -> jax.Array:
@@ -42,7 +43,7 @@ def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key:
     elif name == "integrated_gradients":
         m = attr.reduce_channels(attr.integrated_gradients(classifier_fn, images, targets, num_steps=64), "sum")
     elif name == "grad_cam":
-        m = attr.grad_cam(feats_fn, images, "stage4", targets)
+        m = attr.grad_cam(feats_fn, images, GRAD_CAM_LAYER, targets)
     elif name == "occlusion":
         size = images.shape[1]
         m = attr.occlusion(classifier_fn, images, targets, patch_size=max(size // 8, 2), stride=max(size // 16, 1))
@@ -167,14 +168,14 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
     if data["labels"] is not None:
         summary["accuracy on these images"] = float(np.mean(pred == data["labels"]))
     maps = {}
-    is_resnet = bundle.architecture == "resnet"
+    named_stages = classifier_spec(bundle.architecture).feature_maps  # what Grad-CAM can read
     for name in methods:
         t0 = time.perf_counter()
         if name in CLASSIFIER_METHODS and name not in ATTRIBUTION_METHODS:
             continue  # handled below, after the maps they need
         if name not in ATTRIBUTION_METHODS:
             raise ValueError(f"unknown method {name!r} for a classifier checkpoint; known: {CLASSIFIER_METHODS}")
-        if name == "grad_cam" and not is_resnet:
+        if name == "grad_cam" and GRAD_CAM_LAYER not in named_stages:
             raise ValueError("grad_cam needs a ResNet checkpoint (named stages)")
         maps[name] = np.asarray(attribution_map(name, classifier_fn, feats_fn, images, pred, key=key))
         if name == "integrated_gradients":

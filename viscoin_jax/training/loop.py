@@ -28,7 +28,8 @@ from jax.sharding import Mesh
 from . import mesh as mesh_lib
 from .checkpoint import Checkpointer, Restored, checkpoint_dir
 from .config import config_from_dict, config_to_dict, record_config
-from .monitor import (DivergenceWatch, Progress, announce, check_finite, create_default_writer,
+from ..phases import announce
+from .monitor import (DivergenceWatch, Progress, check_finite, create_default_writer,
                       mean_metrics, to_host, write_image_grid)
 from .registry import trainer_module
 from .workdir_lock import WorkdirLock
@@ -402,6 +403,9 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
     compiled_variants: set = set()  # the step variants compiled so far (announced once each)
     metrics = None
 
+    def sync():  # waits for the newest step's outputs (reads `metrics` when called)
+        return jax.block_until_ready(metrics)
+
     with preemption_flag() as sigterm:
         while step < num_steps:
             try:
@@ -415,7 +419,7 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
             if variant not in compiled_variants:  # compiles (or loads from the cache): announced,
                 compiled_variants.add(variant)  # timed and kept out of steps/s
                 what = "the train step" + (f" (variant {variant})" if variant is not None else "")
-                with progress.paused(sync=lambda: jax.block_until_ready(metrics)), \
+                with progress.paused(sync), \
                         announce(log, f"compiling {what} and running step {step + 1}"):
                     state, metrics = compiled.train_step(state, batch, variant)
                     jax.block_until_ready(metrics)
@@ -440,7 +444,6 @@ def _train(task, config, workdir, compiled, state, iterator, checkpointer, write
                 window = []
 
             step_eval = {}
-            sync = lambda: jax.block_until_ready(metrics)  # noqa: E731
             if _every(step, train_cfg.eval_every) or (last and train_cfg.eval_every > 0):
                 with progress.paused(sync):  # steps/s counts training steps only
                     step_eval = eval_metrics = evaluate(task, compiled, state)

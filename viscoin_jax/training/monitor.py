@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from ..phases import announce, format_duration, format_seconds
+from ..phases import format_duration, format_seconds
 
 log = logging.getLogger("viscoin_jax.train")
 
@@ -562,7 +562,7 @@ def mean_metrics(history: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, 
 
 __all__ = [
     "NonFiniteLossError", "EventFileWriter", "MetricWriter", "crc32c", "create_default_writer",
-    "Progress", "RunProgress", "run_progress", "current_run", "announce", "format_duration",
+    "Progress", "RunProgress", "run_progress", "current_run", "format_duration",
     "format_seconds",
     "image_grid", "save_png", "write_image_grid", "check_finite", "mean_metrics", "to_host",
     "DivergenceWatch", "is_loss_metric",
