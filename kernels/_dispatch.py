@@ -9,6 +9,10 @@ check, the lowering tests) names its target with `lowering_for("tpu")`, or `lowe
 to keep every branch: then `jax.lax.platform_dependent` holds them all and lowering keeps the one
 that matches the platform being compiled for.
 
+`impl="auto"` runs a kernel only where it was measured to beat XLA (`tuning`): the public ops resolve
+it to "pallas" or "xla" per call shape with `resolve_auto`, from the tuning table of the device kind
+being traced for; no table, no kernel.
+
 Under a device mesh (`jax.set_mesh(mesh)` while tracing, as the training loop does), a Pallas call
 cannot be partitioned by XLA's SPMD partitioner (Mosaic refuses; a Triton call would be replicated).
 The kernel branches are therefore wrapped in `jax.shard_map` over the batch dimension: each device
@@ -31,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from ._args import check_impl
+from .tuning import kernel_wins, tuning_device_kind
 
 # Backends of the kernel wrappers: "gpu" compiles through Triton, "tpu" through Mosaic,
 # "interpret" runs the GPU variant of the kernels in the Pallas interpreter (any platform), and
@@ -46,10 +51,12 @@ _PLATFORM_FAMILY = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "t
 
 
 @contextlib.contextmanager
-def lowering_for(*platforms: str) -> Iterator[None]:
+def lowering_for(*platforms: str, device_kind: str | None = None) -> Iterator[None]:
     """Trace the kernels' dispatch for `platforms` ("cpu", "cuda", "rocm", "tpu") instead of the host's
     backend, or for every platform with "any" (`platform_dependent`). Use around `.trace()` /
-    `.lower()` when compiling for a platform that is not the host's. Clears JAX's caches on entry
+    `.lower()` when compiling for a platform that is not the host's. `device_kind` (e.g. "NVIDIA
+    H200", a topology's `device_kind`) names the tuning table `impl="auto"` consults; without it
+    "auto" is the XLA path for a platform that is not the host's. Clears JAX's caches on entry
     and exit (jit's trace cache does not key on this setting)."""
     if not platforms:
         raise ValueError("lowering_for needs at least one platform")
@@ -62,7 +69,8 @@ def lowering_for(*platforms: str) -> Iterator[None]:
     jax.clear_caches()
     token = _TARGET.set(tuple(platforms))
     try:
-        yield
+        with tuning_device_kind(device_kind):
+            yield
     finally:
         _TARGET.reset(token)
         jax.clear_caches()
@@ -128,7 +136,20 @@ def shard_over_batch(kernel_fn: Callable, batched: Sequence[bool]) -> Callable:
     return wrapped
 
 
-def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: Sequence[bool] | None = None):
+def resolve_auto(impl: str, tuning_key: str) -> str:
+    """`impl`, with "auto" made concrete for the platform being traced for: "pallas" where the device
+    kind's tuning table says the kernel beats XLA on `tuning_key`'s shape, "xla" everywhere else (the
+    CPU, shapes or device kinds never measured, several platforms at once). The public ops resolve
+    once, so a custom_vjp's backward pass runs the path its forward pass took."""
+    check_impl(impl)
+    if impl != "auto":
+        return impl
+    family = target_family()
+    return "pallas" if family in ("gpu", "tpu") and kernel_wins(family, tuning_key) else "xla"
+
+
+def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: Sequence[bool] | None = None,
+             tuning_key: str | None = None):
     """Run `xla_fn(*args)` or `kernel_fn(*args, backend=...)` according to `impl`.
 
     - "xla": the reference.
@@ -136,7 +157,7 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     - "tpu_interpret": the TPU variant in Pallas's TPU interpreter, for CPU tests of the TPU path.
     - "pallas": the kernel compiled for the platform being lowered for; on a platform without a
       Pallas compiler (CPU) it runs in interpret mode, which is correct but slow.
-    - "auto": the kernel on GPU and TPU, the reference elsewhere.
+    - "auto": `resolve_auto(impl, tuning_key)`: the kernel only where a measured table says it wins.
 
     The platform is the host's backend unless `lowering_for(...)` names another (module docstring).
 
@@ -144,6 +165,10 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     kernel runs per device on its batch slice (see the module docstring).
     """
     check_impl(impl)
+    if impl == "auto":
+        if tuning_key is None:
+            raise ValueError('impl="auto" needs the tuning key of the call\'s shape')
+        impl = resolve_auto(impl, tuning_key)
     if impl == "xla":
         return xla_fn(*args)
     batched = tuple(batched) if batched is not None else (True,) + (False,) * (len(args) - 1)
@@ -153,7 +178,7 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
 
     if impl in ("interpret", "tpu_interpret"):
         return kernel(impl)(*args)
-    default = xla_fn if impl == "auto" else kernel("interpret")
+    default = kernel("interpret")  # "pallas" on a platform without a Pallas compiler
     family = target_family()
     if family == "cpu":
         return default(*args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._args import setup_filter
+from . import tuning
 from .modulated_conv2d import modulated_conv2d
 from .upfirdn2d import upfirdn2d
 
@@ -70,6 +72,14 @@ def stylegan2_layers(img_res: int, batch: int) -> list[Layer]:
     layers.append(Layer(f"G{img_res} blur {img_res}px", "upfirdn2d",
                         (batch, img_res + 1, img_res + 1, c), padding=(1, 1, 1, 1)))
     return layers
+
+
+def layer_key(layer: Layer, dtype) -> str:
+    """The tuning-table key of the op call this layer times (the key the op computes when called)."""
+    if layer.op == "upfirdn2d":
+        return tuning.upfirdn2d_key(layer.x_shape, FIR.shape, layer.up, layer.down, layer.padding, dtype)
+    return tuning.modconv_key(layer.x_shape, layer.w_shape, layer.up, layer.down, layer.padding,
+                              layer.demodulate, dtype)
 
 
 def _make_fn(layer: Layer, impl: str, backward: bool, dtype) -> tuple[Callable, tuple]:
@@ -165,6 +175,7 @@ def run(resolutions, batch, impls, repeats, dtype, ops, copy_bytes) -> list[dict
                     rate = work / (ms * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
                     rows.append(dict(
                         layer=layer.name, op=layer.op, shape="x".join(map(str, layer.x_shape)),
+                        key=layer_key(layer, dtype),
                         pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms, rate=rate, unit=unit,
                         speedup=(base_ms / ms) if base_ms else None,
                         copy_fraction=(rate / copy_gbs) if (copy_gbs and unit == "GB/s") else None))
@@ -204,7 +215,27 @@ def main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(dict(platform=platform, device=jax.devices()[0].device_kind, copy_gbs=copy_gbs,
                            batch=batch, dtype=args.dtype, rows=rows), fh, indent=1)
+    if args.write_table is not None:
+        write_table(rows, args.write_table, platform, batch)
     return 0
+
+
+def write_table(rows, where: str, platform: str, batch: int) -> str:
+    """Write the tuning table of this device kind from the run's rows; `where` is a directory (the
+    file is named after the device kind) or a .json path. Returns the path written."""
+    kind = jax.devices()[0].device_kind
+    table = tuning.table_from_rows(rows, kind, platform, batch, jax.__version__)
+    if not table["entries"]:
+        raise SystemExit("bench-kernels --write-table: no layer was timed with both 'pallas' and 'xla' "
+                         "(run it on a GPU or TPU, or pass --impls xla pallas)")
+    path = where if where.endswith(".json") else os.path.join(where, tuning.table_file_name(kind))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(table, fh, indent=1)
+    wins = sum(e["winner"] == "pallas" for e in table["entries"])
+    print(f"tuning table for {kind}: {path} (Pallas wins {wins} of {len(table['entries'])} layer shapes)")
+    tuning.load_table.cache_clear()
+    return path
 
 
 def add_parser(subparsers) -> None:
@@ -219,4 +250,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--copy-bytes", type=int, default=1 << 30, help="array size for the copy bandwidth")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--write-table", nargs="?", const=".", default=None, metavar="DIR_OR_JSON",
+                   help="write the tuning table impl='auto' reads (per layer shape, the faster of pallas and "
+                        "xla, forward + backward) for this device kind into DIR (default: the current "
+                        f"directory); point ${tuning.TUNING_DIR_ENV} at DIR, or copy the file into "
+                        "kernels/tuning/ to ship it")
     p.set_defaults(func=main)

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _phases
 from ._args import check_impl
-from ._dispatch import dispatch, uses_tpu_layout
+from ._dispatch import dispatch, resolve_auto, uses_tpu_layout
 from .modulated_conv2d_pallas import phased_conv_pallas as _phased_conv_forward
 from .modulated_conv2d_pallas import weight_grad_pallas as _weight_grad_forward
 from .modulated_conv2d_ref import (conv2d_resample_reference, default_filter, demodulation_coefficients,
@@ -35,6 +35,7 @@ from .plans import ConvBlockSizes, check_block_sizes
 from .plans import conv_plans as _plans, conv_tiles as _conv_tiles
 from .plans import conv_tpu_vmem_estimate as tpu_vmem_estimate, fits_tpu_vmem
 from .plans import triton_pipelining, triton_shared_memory_estimate
+from .tuning import modconv_key
 from .upfirdn2d import _check_x, upfirdn2d
 
 # Importable from here as before the split (tests reach `_plans`, `_conv_tiles` and the wrappers too).
@@ -185,6 +186,8 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         _phases.plan_1d(x.shape[1], up, 1, pads[2], pads[3], weight.shape[0], "modulated_conv2d (height)")
     elif down == 1:
         _phases.plan_1d(x.shape[1], 1, 1, pads[2], pads[3], weight.shape[0], "modulated_conv2d (height)")
+
+    impl = resolve_auto(impl, modconv_key(x.shape, weight.shape, up, down, padding, demodulate, x.dtype))
 
     def xla_fn(x, weight, styles):
         return modulated_conv2d_reference(x, weight, styles, demodulate, up, down, padding, f)

@@ -23,10 +23,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import dispatch, interpret_mode, jit_per_shape, uses_tpu_layout
+from ._dispatch import dispatch, interpret_mode, jit_per_shape, resolve_auto, uses_tpu_layout
 from .plans import TPU_VMEM_BUDGET_BYTES  # noqa: F401  read-only alias: patch plans' to change it
 from .plans import compiler_params, fir_plans as _plans, fir_tiles as _tiles, fits_tpu_vmem
 from .plans import fir_tpu_vmem_estimate as tpu_vmem_estimate
+from .tuning import upfirdn2d_key
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -232,6 +233,7 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0, impl="
     check_impl(impl)
     f, up, down, padding = _normalise_args(x, f, up, down, padding)
     _plans(x.shape, f.shape, up, down, padding)
+    impl = resolve_auto(impl, upfirdn2d_key(x.shape, f.shape, up, down, padding, x.dtype))
     return _upfirdn2d(x, f, up, down, padding, bool(flip_filter), float(gain), impl)
 
 

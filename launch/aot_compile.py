@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = loop.abstract_global_batch(task, config, mesh)
     start = time.perf_counter()
     platform = args.lowering_platform or kind
-    # The kernels shard_map themselves over the mesh they see, and trace only the target's branch.
-    with jax.set_mesh(mesh), lowering_for(platform):
+    # The kernels shard_map themselves over the mesh they see, and trace only the target's branch;
+    # impl="auto" consults the tuning table of the topology's device kind (none: the XLA path).
+    device_kind = None if kind == "cpu" else devices[0].device_kind
+    with jax.set_mesh(mesh), lowering_for(platform, device_kind=device_kind):
         traced = compiled_task.train_step.trace(compiled_task.abstract_state, batch)
         traced_at = time.perf_counter()
         lowered = traced.lower(lowering_platforms=(platform,)) if args.lowering_platform else traced.lower()

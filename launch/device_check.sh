@@ -3,7 +3,8 @@
 #   1. the Pallas kernels against the XLA path on the device (tests/test_device_kernels.py: forward,
 #      first and second order, float32 and bfloat16);
 #   2. bench-kernels: Pallas vs XLA per StyleGAN2 layer at 256 px, with the copy bandwidth and the
-#      fraction of it each kernel reaches;
+#      fraction of it each kernel reaches, and the tuning table impl="auto" reads on this device kind
+#      (OUT/tuning/<device kind>.json: copy it into kernels/tuning/ to ship it);
 #   3. bench-stylegan2: the whole training step at 256 px, paper256 widths, batch 32, XLA and Pallas.
 # Each part writes its log and JSON into OUT as soon as it ends and adds a row to OUT/summary.md, so a
 # timeout keeps what finished.
@@ -62,7 +63,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 part device_kernels "${TESTS_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider -o addopts="" \
   tests/test_device_kernels.py --junitxml="$OUT/device_kernels.xml"
 part bench_kernels "${KERNELS_SECONDS:-150}" $PY -m viscoin_jax.cli bench-kernels --resolutions 256 \
-  --json "$OUT/bench_kernels.json"
+  --json "$OUT/bench_kernels.json" --write-table "$OUT/tuning"
 part bench_stylegan2_xla "${STEP_SECONDS:-90}" $PY -m viscoin_jax.cli bench-stylegan2 --resolutions 256 --batch 32 \
   --widths paper256 --impl xla --periods 1 --json "$OUT/bench_stylegan2_xla.json"
 part bench_stylegan2_pallas "${STEP_SECONDS:-90}" $PY -m viscoin_jax.cli bench-stylegan2 --resolutions 256 --batch 32 \

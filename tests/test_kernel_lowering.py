@@ -103,7 +103,8 @@ def test_trace_lower_api_from_design_notes():
 @pytest.mark.parametrize("op", ["upfirdn2d", "modulated_conv2d"])
 def test_auto_traces_only_the_host_branch_on_cpu(op):
     # On a CPU host "auto" is the XLA path and nothing else is traced: no Pallas call in the jaxpr
-    # (first and second order) nor in the lowering. Traced for "any", the kernels are there again.
+    # (first and second order) nor in the lowering. Traced for "any" or for an accelerator whose
+    # device kind has no tuning table, "auto" stays XLA (tests/test_kernel_tuning.py has the tables).
     x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
     w = jnp.ones((3, 3, 4, 4), jnp.float32)
     fn = {"upfirdn2d": lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1)),
@@ -113,9 +114,10 @@ def test_auto_traces_only_the_host_branch_on_cpu(op):
         assert "pallas_call" not in str(jax.make_jaxpr(f)(x))
         text = jax.jit(f).trace(x).lower(lowering_platforms=("cpu",)).as_text()
         assert "triton" not in text and "tpu_custom_call" not in text
-    with lowering_for("any"):
-        assert "pallas_call" in str(jax.make_jaxpr(fn)(x))
-        _assert_uses_pallas(jax.jit(fn).trace(x).lower(lowering_platforms=("tpu",)).as_text(), "tpu")
+    for target in ({}, {"device_kind": "a chip nobody measured"}):
+        for platform in ("any", "tpu"):
+            with lowering_for(platform, **target):
+                assert "pallas_call" not in str(jax.make_jaxpr(fn)(x))
 
 
 def test_lowering_for_rejects_unknown_platforms():
@@ -144,7 +146,7 @@ def test_layer_too_large_for_tpu_vmem_is_routed_to_xla(monkeypatch):
     expected = modulated_conv2d(x, w, s, up=2, impl="xla")
     np.testing.assert_allclose(np.asarray(routed), np.asarray(expected), rtol=1e-6, atol=1e-6)
     with pytest.warns(UserWarning, match="upfirdn2d"):
-        text = _export_text(lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1)),
+        text = _export_text(lambda x: upfirdn2d(x, jnp.asarray(FIR), up=2, padding=(2, 1, 2, 1), impl="pallas"),
                             (x,), "tpu")
     assert "tpu_custom_call" not in text
 
