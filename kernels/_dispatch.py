@@ -69,11 +69,39 @@ def lowering_for(*platforms: str, device_kind: str | None = None) -> Iterator[No
     jax.clear_caches()
     token = _TARGET.set(tuple(platforms))
     try:
-        with tuning_device_kind(device_kind):
+        with tuning_device_kind(device_kind), _abstract_gpu_for(platforms, device_kind):
             yield
     finally:
         _TARGET.reset(token)
         jax.clear_caches()
+
+
+# The GPU a CPU host lowers Triton kernels for when none is named (compute capability 9.0).
+DEFAULT_ABSTRACT_GPU = ("NVIDIA H100", 132)
+
+
+@contextlib.contextmanager
+def _abstract_gpu_for(platforms: Sequence[str], device_kind: str | None) -> Iterator[None]:
+    """Newer JAX (0.12) lowers a Triton kernel only for a GPU it can see or an abstract one in the
+    current abstract mesh ("No supported GPU devices found, please specify an abstract GPU device").
+    A host without a GPU lowering for "cuda"/"rocm"/"any" therefore names one: `device_kind` when it
+    is a GPU kind, else an H100; the mesh axes stay those of the current mesh. Lower inside
+    `lowering_for` for the abstract device to apply."""
+    wants_gpu = any(_PLATFORM_FAMILY.get(p) == "gpu" or p == "any" for p in platforms)
+    current = jax.sharding.get_abstract_mesh()
+    has_gpu = jax.default_backend() == "gpu" or getattr(getattr(current, "abstract_device", None),
+                                                        "platform", None) in ("gpu", "cuda", "rocm")
+    if not wants_gpu or has_gpu or not hasattr(jax.sharding, "AbstractDevice"):
+        yield
+        return
+    kind, cores = DEFAULT_ABSTRACT_GPU
+    if device_kind and device_kind.startswith(("NVIDIA", "AMD", "gfx")):
+        kind, cores = device_kind, None
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform="gpu")
+    mesh = jax.sharding.AbstractMesh(current.axis_sizes, current.axis_names, axis_types=current.axis_types,
+                                     abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield
 
 
 def target_family() -> str | None:
