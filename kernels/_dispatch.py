@@ -98,10 +98,23 @@ def _abstract_gpu_for(platforms: Sequence[str], device_kind: str | None) -> Iter
     if device_kind and device_kind.startswith(("NVIDIA", "AMD", "gfx")):
         kind, cores = device_kind, None
     device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(current.axis_sizes, current.axis_names, axis_types=current.axis_types,
+    token = _ABSTRACT_GPU.set(device)
+    try:
+        with jax.sharding.use_abstract_mesh(_with_device(current, device)):
+            yield
+    finally:
+        _ABSTRACT_GPU.reset(token)
+
+
+# The abstract GPU `lowering_for` names on a host without one: shard_over_batch gives it to the
+# per-device region too (a caller that sets its concrete mesh again while tracing would hide it).
+_ABSTRACT_GPU: contextvars.ContextVar = contextvars.ContextVar("viscoin_jax_abstract_gpu", default=None)
+
+
+def _with_device(mesh, device):
+    """The abstract mesh `mesh` (its axes and types) on `device`."""
+    return jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types,
                                      abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        yield
 
 
 def target_family() -> str | None:
@@ -159,6 +172,10 @@ def shard_over_batch(kernel_fn: Callable, batched: Sequence[bool]) -> Callable:
         split = batch % math.prod(mesh.axis_sizes) == 0
         spec = P(axes) if split else P()
         in_specs = tuple(spec if b else P() for b in batched)
+        if (device := _ABSTRACT_GPU.get()) is not None and getattr(mesh, "abstract_device", None) != device:
+            mesh = _with_device(mesh, device)
+            with jax.sharding.use_abstract_mesh(mesh):
+                return jax.shard_map(kernel_fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
         return jax.shard_map(kernel_fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
 
     return wrapped

@@ -258,6 +258,25 @@ def test_aot_compile_cpu_topology(tmp_path):
     assert "collectives: all-reduce=" in proc.stdout
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_aot_lowers_a_pallas_training_step_for_an_accelerator_from_this_host(tmp_path, platform):
+    """The StyleGAN2 step (its jits set their own mesh while tracing) lowers for cuda and tpu with the
+    kernels inside the per-device regions, on every JAX we support (jax 0.12 needs an abstract GPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    out_json = tmp_path / "aot.json"
+    small = [f"--config.{k}=8" for k in ("data.resolution", "model.generator.img_resolution",
+                                         "model.discriminator.img_resolution")]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "aot_compile.py"), "--config", "stylegan2_synthetic",
+         "--topology", "cpu:2", "--lowering-platform", platform, "--lower-only", "--json", str(out_json),
+         "--config.model.generator.impl=pallas", "--config.model.discriminator.impl=pallas", *small],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert report["lowering_platform"] == platform and report["devices"] == 2
+    assert report["kernel_calls"] >= 10  # G's and D's convolutions and filters, forward and backward
+
+
 def test_aot_count_collectives():
     sys.path.insert(0, str(REPO / "launch"))
     try:
