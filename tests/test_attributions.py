@@ -405,9 +405,6 @@ def test_bad_inputs_raise(model):
         A.smoothgrad(fn, x, noise_level=-0.1)
     with pytest.raises(ValueError, match="classifier_fn must return logits"):
         A.vanilla_gradient(lambda im: im.sum(), x, 0)
-    with pytest.raises(ValueError, match="unknown attribution method"):
-        A.get_method("lime")
-    assert A.get_method("integrated_gradients") is A.integrated_gradients
 
 
 def test_normalize_maps():

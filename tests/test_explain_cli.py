@@ -143,3 +143,33 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     assert summary["best attribution deletion AUC minus random"] == pytest.approx(
         summary["gradient deletion AUC"] - summary["random attribution deletion AUC"])
     json.dumps(summary)  # every value is JSON-serialisable
+
+
+def test_a_setting_reaches_the_method_and_bad_ones_fail_before_loading(checkpoint, tmp_path):
+    """--setting METHOD.KEY=VALUE changes what the method computes (here SmoothGrad's sample count,
+    checked against the library function called directly); a bad one is one line, before any work."""
+    from viscoin_jax.explain import attributions as attr
+    from viscoin_jax.training.common import restore_task_state
+
+    explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:3", ["smoothgrad"], str(tmp_path),
+                        settings=["smoothgrad.num_samples=3", "smoothgrad.noise_level=0.3"])
+    task, state, _, _ = restore_task_state(checkpoint)
+    fn = explanation_bundle(task, state).classifier_fn
+    data = explain_run.load_images("synthetic/blob_binary:test:3", 32)
+    pred = np.asarray(fn(data["images"])).argmax(-1)
+    want = np.asarray(attr.smoothgrad(fn, data["images"], pred, key=0, num_samples=3, noise_level=0.3,
+                                      reduce="abs_max"))
+    default = np.asarray(attr.smoothgrad(fn, data["images"], pred, key=0, num_samples=16, noise_level=0.15,
+                                         reduce="abs_max"))
+    with np.load(tmp_path / "smoothgrad.npz") as arrays:
+        np.testing.assert_allclose(arrays["maps"], want, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(arrays["maps"], default, rtol=1e-3)
+    for bad, message in [("smoothgrad.samples=3", "smoothgrad has no setting 'samples'; its settings: num_samples"),
+                         ("lime.x=1", "unknown method 'lime'"), ("smoothgrad=3", "expected METHOD.KEY=VALUE"),
+                         ("smoothgrad.num_samples=many", "must be an integer")]:
+        with pytest.raises(ValueError, match=message):
+            explain_run.explain(str(tmp_path / "not even a run"), "synthetic/blob_binary:test:2", ["gradient"],
+                                str(tmp_path / "o"), settings=[bad])
+    with pytest.raises(ValueError, match="grad_cam reads the feature map 'stage9'; this resnet"):
+        explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["grad_cam"], str(tmp_path / "o"),
+                            settings=["grad_cam.layer=stage9"])

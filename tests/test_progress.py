@@ -222,3 +222,12 @@ def test_explain_help_lists_the_methods_of_each_checkpoint_kind(monkeypatch):
     monkeypatch.setitem(registry.METHODS, "latent_new",
                         registry.Method("latent_new", registry.LATENT, (registry.VISCOIN,), "a new method"))
     assert "latent_new: a new method" in registry.help_text()
+    # every attribution method names a function of the one map signature; its defaults are listed
+    for name in registry.names(attribution=True):
+        method = registry.METHODS[name]
+        fn = registry.map_function(name)
+        assert callable(fn) and fn.__module__ == "viscoin_jax.explain.attributions", name
+        for key, value in method.settings.items():
+            assert f"{key}={value}" in text, (name, key)
+    assert registry.resolve_settings(["occlusion.patches_per_side=4"])["occlusion"] == {"patches_per_side": 4}
+    assert registry.resolve_settings()["occlusion"] == {"patches_per_side": 8}  # defaults untouched

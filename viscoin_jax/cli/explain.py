@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -113,12 +113,14 @@ def _variant(images: str) -> str | None:
 
 
 def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None,
-            generator: str | None = None, latent_settings=None, concept_settings=None) -> Path:
+            generator: str | None = None, latent_settings=None, concept_settings=None,
+            settings: Sequence[str] = ()) -> Path:
     """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays.
 
     A classifier checkpoint takes the attribution methods, the i-ResNet counterfactual and, given a
     StyleGAN2 run as `generator`, the latent methods. A VisCoIN checkpoint takes the concept methods,
     the latent methods (its own f and G) and the attribution methods (on its classifier f).
+    `settings`: METHOD.KEY=VALUE overrides of the method registry's default settings.
     """
     from ..explain.classifier_report import explain_classifier
     from ..explain.latent_report import LatentSettings, explain_latent
@@ -131,6 +133,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 
     out_dir = Path(out)
     registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded
+    method_settings = registry.resolve_settings(settings)  # so do bad --setting values
     task, state, config, metadata = restore_task_state(checkpoint)
     if config.trainer not in ("classifier", "viscoin"):
         raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
@@ -163,7 +166,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
                 bundle = classifier_trainer.explanation_bundle(f_task, f_state)
             else:
                 bundle = classifier_trainer.explanation_bundle(task, state)
-            summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant))
+            summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant,
+                                              settings=method_settings))
         elif group == registry.CONCEPTS:
             summary.update(explain_viscoin(viscoin_trainer.explanation_bundle(task, state), data, names, report,
                                            out_dir, concept_settings or ConceptSettings(), variant=variant))
@@ -191,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
 
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
         explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
-                latent_settings=latent)
+                latent_settings=latent, settings=args.setting)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
         return 2
@@ -211,6 +215,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--count", type=int, default=None, help="use at most this many images")
     p.add_argument("--generator", default=None,
                    help="a stylegan2 run for the latent methods on a classifier checkpoint")
+    p.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="change a method's setting (repeatable), e.g. smoothgrad.num_samples=32; the "
+                        "defaults are listed below")
     p.add_argument("--projection-steps", type=int, default=300, help="W+ projection steps per image batch")
     p.add_argument("--direction-samples", type=int, default=512,
                    help="generated samples the logistic-regression direction is fitted on")

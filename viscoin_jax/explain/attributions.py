@@ -502,25 +502,45 @@ def _occlusion_sum(classifier_fn, images, targets, fill, positions, patch, score
     return _weighted_sum(drop_at, positions, weights, batch_size)
 
 
-ATTRIBUTION_METHODS: dict[str, Callable] = {
-    "gradient": vanilla_gradient,
-    "smoothgrad": smoothgrad,
-    "integrated_gradients": integrated_gradients,
-    "occlusion": occlusion,
-}
+# ----------------------------------------------------------------------------------------------
+# The report's [N, H, W] maps: one signature for every attribution method, so the method registry
+# (explain.methods) names each by its function and passes the settings it holds.
 
 
-def get_method(name: str) -> Callable:
-    """The attribution function (classifier_fn, images, targets, **options) registered as `name`
-    (Grad-CAM needs a layer or a trunk/head split and is called directly)."""
-    if name not in ATTRIBUTION_METHODS:
-        raise ValueError(f"unknown attribution method {name!r}; expected one of {sorted(ATTRIBUTION_METHODS)}")
-    return ATTRIBUTION_METHODS[name]
+def gradient_map(classifier_fn, feats_fn, images, targets, *, key=0) -> jax.Array:
+    """Vanilla gradient, max |.| over channels."""
+    return vanilla_gradient(classifier_fn, images, targets, reduce="abs_max")
+
+
+def smoothgrad_map(classifier_fn, feats_fn, images, targets, *, key=0, num_samples: int,
+                   noise_level: float) -> jax.Array:
+    """SmoothGrad over `num_samples` noisy copies, max |.| over channels."""
+    return smoothgrad(classifier_fn, images, targets, key=key, num_samples=num_samples,
+                      noise_level=noise_level, reduce="abs_max")
+
+
+def integrated_gradients_map(classifier_fn, feats_fn, images, targets, *, key=0, num_steps: int) -> jax.Array:
+    """Integrated Gradients from the zero image, summed over channels (signed)."""
+    return reduce_channels(integrated_gradients(classifier_fn, images, targets, num_steps=num_steps), "sum")
+
+
+def grad_cam_map(classifier_fn, feats_fn, images, targets, *, key=0, layer: str) -> jax.Array:
+    """Grad-CAM on the feature map named `layer` of `feats_fn` (features dict, logits)."""
+    return grad_cam(feats_fn, images, layer, targets)
+
+
+def occlusion_map(classifier_fn, feats_fn, images, targets, *, key=0, patches_per_side: int) -> jax.Array:
+    """Occlusion with square patches of 1/`patches_per_side` of the side, moved by half a patch."""
+    patches_per_side = check_positive_int(patches_per_side, "patches_per_side")
+    size = images.shape[1]
+    return occlusion(classifier_fn, images, targets, patch_size=max(size // patches_per_side, 2),
+                     stride=max(size // (2 * patches_per_side), 1))
 
 
 __all__ = [
-    "SCORES", "REDUCTIONS", "IG_RULES", "ATTRIBUTION_METHODS", "check_images", "check_targets",
+    "SCORES", "REDUCTIONS", "IG_RULES", "check_images", "check_targets",
     "class_score", "reduce_channels", "vanilla_gradient", "smoothgrad", "integration_points",
     "integrated_gradients", "completeness_gap", "grad_cam", "grad_cam_split", "grad_cam_from_features",
-    "occlusion", "occlusion_starts", "normalize_maps", "get_method",
+    "occlusion", "occlusion_starts", "normalize_maps", "gradient_map", "smoothgrad_map",
+    "integrated_gradients_map", "grad_cam_map", "occlusion_map",
 ]

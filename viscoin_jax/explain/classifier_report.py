@@ -30,26 +30,16 @@ log = logging.getLogger(__name__)
 
 ATTRIBUTION_METHODS = registry.names(registry.CLASSIFIER, attribution=True)
 CLASSIFIER_METHODS = registry.names(registry.CLASSIFIER)
-GRAD_CAM_LAYER = "stage4"  # the named feature map Grad-CAM reads
 
 
-def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key: int = 0) -> jax.Array:
-    """The [N, H, W] map of one attribution method with the report's settings (IG: signed channel sum;
-    the others: max |.| over channels, Grad-CAM at stage 4, occlusion patches of 1/8 of the side)."""
-    if name == "gradient":
-        m = attr.vanilla_gradient(classifier_fn, images, targets, reduce="abs_max")
-    elif name == "smoothgrad":
-        m = attr.smoothgrad(classifier_fn, images, targets, key=key, num_samples=16, reduce="abs_max")
-    elif name == "integrated_gradients":
-        m = attr.reduce_channels(attr.integrated_gradients(classifier_fn, images, targets, num_steps=64), "sum")
-    elif name == "grad_cam":
-        m = attr.grad_cam(feats_fn, images, GRAD_CAM_LAYER, targets)
-    elif name == "occlusion":
-        size = images.shape[1]
-        m = attr.occlusion(classifier_fn, images, targets, patch_size=max(size // 8, 2), stride=max(size // 16, 1))
-    else:
+def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key: int = 0,
+                    settings=None) -> jax.Array:
+    """The [N, H, W] map of one attribution method: the registry's function with its settings
+    (`settings`: the method's, default the registry's defaults)."""
+    if name not in ATTRIBUTION_METHODS:
         raise ValueError(f"unknown attribution method {name!r}; known: {ATTRIBUTION_METHODS}")
-    return jnp.asarray(m)
+    options = dict(registry.METHODS[name].settings if settings is None else settings)
+    return jnp.asarray(registry.map_function(name)(classifier_fn, feats_fn, images, targets, key=key, **options))
 
 
 def cascade_layers(model_name: str, params) -> list[str]:
@@ -58,23 +48,24 @@ def cascade_layers(model_name: str, params) -> list[str]:
     return layer_order(model_name, param_groups(params))
 
 
-SANITY_IMAGES = 8  # images the randomisation check explains (a compile per method, a run per layer)
-
-
-def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Path, *, key: int = 0) -> dict:
+def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Path, *, key: int = 0,
+                  settings=None) -> dict:
     """Adebayo et al.'s model-randomisation check: re-initialise f's layers from the top down (cascading,
     each leaf drawn from N(mean, std) of its trained values) and compare each method's map with the
-    trained model's map by the Spearman rank correlation of |map|, per image (the first SANITY_IMAGES),
+    trained model's map by the Spearman rank correlation of |map|, per image (the first
+    `images` of the sanity_check settings: a compile per method, a run per layer),
     averaged. A method whose maps survive the destruction of the weights (rho near 1) does not
     explain the model."""
     layers = cascade_layers(bundle.architecture, bundle.params)
     rng = jax.random.fold_in(jax.random.key(key), 7)
-    images, targets = images[:SANITY_IMAGES], np.asarray(pred)[:SANITY_IMAGES]
-    maps = {name: m[:SANITY_IMAGES] for name, m in maps.items()}
+    settings = settings or registry.resolve_settings()
+    count = int(settings["sanity_check"]["images"])
+    images, targets = images[:count], np.asarray(pred)[:count]
+    maps = {name: m[:count] for name, m in maps.items()}
 
     def one(name):  # the method's map as a function of f's params: one compile per method, not per level
         return jax.jit(lambda p: jnp.abs(attribution_map(name, *bundle.functions_of(p),
-                                                         images, targets, key=key)))
+                                                         images, targets, key=key, settings=settings[name])))
 
     fns = {name: one(name) for name in maps}
     rho = {name: [] for name in maps}
@@ -154,8 +145,10 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
 
 
 def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Path, *, key: int = 0,
-                       variant: str | None = None) -> dict:
-    """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics."""
+                       variant: str | None = None, settings=None) -> dict:
+    """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics.
+    `settings`: every method's settings (`methods.resolve_settings`), default the registry's."""
+    settings = settings or registry.resolve_settings()
     classifier_fn, feats_fn = bundle.functions_of(bundle.params)
     images = jnp.asarray(data["images"])
     logits = np.asarray(jax.jit(classifier_fn)(images))
@@ -175,11 +168,13 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
             continue  # handled below, after the maps they need
         if name not in ATTRIBUTION_METHODS:
             raise ValueError(f"unknown method {name!r} for a classifier checkpoint; known: {CLASSIFIER_METHODS}")
-        if name == "grad_cam" and GRAD_CAM_LAYER not in named_stages:
-            raise ValueError("grad_cam needs a ResNet checkpoint (named stages)")
-        maps[name] = np.asarray(attribution_map(name, classifier_fn, feats_fn, images, pred, key=key))
+        if name == "grad_cam" and settings["grad_cam"]["layer"] not in named_stages:
+            raise ValueError(f"grad_cam reads the feature map {settings['grad_cam']['layer']!r}; this "
+                             f"{bundle.architecture} names {', '.join(named_stages) or 'none'}")
+        maps[name] = np.asarray(attribution_map(name, classifier_fn, feats_fn, images, pred, key=key,
+                                                settings=settings[name]))
         if name == "integrated_gradients":
-            ig = attr.integrated_gradients(classifier_fn, images, pred, num_steps=64)
+            ig = attr.integrated_gradients(classifier_fn, images, pred, **settings[name])
             gap = attr.completeness_gap(classifier_fn, images, ig, pred)
             summary["integrated_gradients completeness gap (max |.|)"] = float(np.max(np.abs(np.asarray(gap))))
         save_arrays(out, name, maps=maps[name], images=data["images"], predictions=pred)
@@ -190,7 +185,7 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         if not maps:
             raise ValueError("sanity_check needs an attribution method in --methods")
         t0 = time.perf_counter()
-        summary.update(_sanity_check(bundle, images, pred, maps, report, out, key=key))
+        summary.update(_sanity_check(bundle, images, pred, maps, report, out, key=key, settings=settings))
         log.info("sanity_check: %.1fs", time.perf_counter() - t0)
     if "deletion_insertion" in methods:
         if not maps:

@@ -1,11 +1,14 @@
-"""The explanation methods by name: which report runs each one and which checkpoints it applies to.
-The command line's choices, its help text and the checks on a request all come from this table, so
-adding a method is one entry here plus its code in the report module of its group.
+"""The explanation methods by name: which report runs each one, which checkpoints it applies to, the
+function that computes it and its default settings. The command line's choices, its help text, its
+`--setting METHOD.KEY=VALUE` overrides and the checks on a request all come from this table, so
+adding a method is one entry here plus its code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from typing import Any, Mapping, Sequence
 
 # what a checkpoint offers: its classifier's architecture or a VisCoIN run, and a generator when
 # `--generator` names a StyleGAN2 run for a classifier checkpoint
@@ -24,17 +27,27 @@ class Method:
     kinds: tuple[str, ...]  # checkpoints it explains (on a VisCoIN run, the classifier methods explain its f)
     summary: str
     attribution: bool = False  # produces a pixel map that sanity_check and deletion_insertion judge
+    # "module:name" in viscoin_jax.explain: the function an attribution method's map comes from, called
+    # as fn(classifier_fn, feats_fn, images, targets, key=..., **settings)
+    function: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # defaults; --setting overrides
 
 
 _ALL_CLASSIFIERS = (RESNET, IRESNET, VISCOIN)
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("gradient", CLASSIFIER, _ALL_CLASSIFIERS, "vanilla gradient, max |.| over channels", True),
-    Method("smoothgrad", CLASSIFIER, _ALL_CLASSIFIERS, "SmoothGrad, 16 noisy copies", True),
-    Method("integrated_gradients", CLASSIFIER, _ALL_CLASSIFIERS, "Integrated Gradients, 64 steps from the zero (mid-grey) image", True),
-    Method("grad_cam", CLASSIFIER, (RESNET, VISCOIN), "Grad-CAM at stage 4 (ResNets)", True),
-    Method("occlusion", CLASSIFIER, _ALL_CLASSIFIERS, "occlusion sensitivity, patches of 1/8 of the side", True),
+    Method("gradient", CLASSIFIER, _ALL_CLASSIFIERS, "vanilla gradient, max |.| over channels", True,
+           "attributions:gradient_map"),
+    Method("smoothgrad", CLASSIFIER, _ALL_CLASSIFIERS, "SmoothGrad: gradients of noisy copies, max |.|", True,
+           "attributions:smoothgrad_map", {"num_samples": 16, "noise_level": 0.15}),
+    Method("integrated_gradients", CLASSIFIER, _ALL_CLASSIFIERS,
+           "Integrated Gradients from the zero (mid-grey) image, signed channel sum", True,
+           "attributions:integrated_gradients_map", {"num_steps": 64}),
+    Method("grad_cam", CLASSIFIER, (RESNET, VISCOIN), "Grad-CAM on a named feature map (ResNets)", True,
+           "attributions:grad_cam_map", {"layer": "stage4"}),
+    Method("occlusion", CLASSIFIER, _ALL_CLASSIFIERS, "occlusion sensitivity, square patches", True,
+           "attributions:occlusion_map", {"patches_per_side": 8}),
     Method("sanity_check", CLASSIFIER, _ALL_CLASSIFIERS,
-           "model randomisation (Adebayo et al.) of the attribution methods asked for"),
+           "model randomisation (Adebayo et al.) of the attribution methods asked for", settings={"images": 8}),
     Method("deletion_insertion", CLASSIFIER, _ALL_CLASSIFIERS,
            "RISE deletion / insertion AUC of the attribution methods asked for, and of a random map"),
     Method("iresnet_counterfactual", CLASSIFIER, (IRESNET,), "counterfactuals by moving z between class means"),
@@ -73,14 +86,60 @@ def check_request(methods, offers) -> dict[str, list[str]]:
     return groups
 
 
+def map_function(name: str):
+    """The function of attribution method `name` (its registry entry's "module:name" in explain)."""
+    method = METHODS[name]
+    if method.function is None:
+        raise ValueError(f"{name} has no map function (it is run by the {method.group} report)")
+    module, _, attr = method.function.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+def _parse_value(text: str, default: Any, where: str) -> Any:
+    """`text` as the type of the setting's default (bool, int, float or str)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{where} must be true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"{where} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {text!r}") from None
+    return text
+
+
+def resolve_settings(overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Every method's settings: the registry's defaults with `METHOD.KEY=VALUE` overrides applied, or a
+    one-line ValueError naming the first malformed override, unknown method or unknown setting."""
+    settings = {name: dict(m.settings) for name, m in METHODS.items()}
+    for item in overrides:
+        target, eq, text = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not eq or not dot or not key:
+            raise ValueError(f"--setting {item!r}: expected METHOD.KEY=VALUE")
+        if method not in METHODS:
+            raise ValueError(f"--setting {item!r}: unknown method {method!r}; known: {', '.join(METHODS)}")
+        if key not in settings[method]:
+            known = ", ".join(settings[method]) or "none"
+            raise ValueError(f"--setting {item!r}: {method} has no setting {key!r}; its settings: {known}")
+        settings[method][key] = _parse_value(text, METHODS[method].settings[key], f"--setting {target}")
+    return settings
+
+
 def help_text() -> str:
-    """One line per checkpoint kind with the methods that apply, then one line per method."""
+    """One line per checkpoint kind with the methods that apply, then one line per method with its
+    default settings."""
     lines = ["methods per checkpoint:"]
     lines += [f"  {LABELS[kind]}: {', '.join(m.name for m in METHODS.values() if kind in m.kinds)}" for kind in KINDS]
-    lines.append("methods:")
-    lines += [f"  {m.name}: {m.summary}" for m in METHODS.values()]
+    lines.append("methods (default settings; change one with --setting METHOD.KEY=VALUE):")
+    for m in METHODS.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in m.settings.items())
+        lines.append(f"  {m.name}: {m.summary}" + (f" ({defaults})" if defaults else ""))
     return "\n".join(lines)
 
 
 __all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "CLASSIFIER", "CONCEPTS",
-           "LATENT", "names", "check_request", "help_text"]
+           "LATENT", "names", "check_request", "help_text", "map_function", "resolve_settings"]
