@@ -24,7 +24,6 @@ from jax.experimental.pallas import tpu as pltpu
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
 from ._dispatch import dispatch, interpret_mode, jit_per_shape, resolve_auto, uses_tpu_layout
-from .plans import TPU_VMEM_BUDGET_BYTES  # noqa: F401  read-only alias: patch plans' to change it
 from .plans import compiler_params, fir_plans as _plans, fir_tiles as _tiles, fits_tpu_vmem
 from .plans import fir_tpu_vmem_estimate as tpu_vmem_estimate
 from .tuning import upfirdn2d_key

@@ -26,6 +26,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from viscoin_jax.cli import main as cli_main  # noqa: E402
+from viscoin_jax.convert import nvlabs_pickle as reader  # noqa: E402
 from viscoin_jax.convert import stylegan2_pickle as sp  # noqa: E402
 
 SQRT2 = float(np.sqrt(2.0))
@@ -570,7 +572,7 @@ def test_discriminator_matches_reference(reference, converted):
 
 def test_convert_writes_orbax_and_reloads(reference, loaded, converted, tmp_path):
     out = tmp_path / "converted"
-    assert sp.main([str(reference.path), str(out), "--networks", "G_ema,D"]) == 0
+    assert cli_main(["convert", "stylegan2", str(reference.path), str(out), "--networks", "G_ema,D"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == sp.CHECKPOINT_FORMAT
     assert config["networks"]["G_ema"]["class"] == "Generator"
@@ -606,7 +608,7 @@ def test_refuses_foreign_globals(tmp_path, fn, name):
     arg = f"touch {sentinel}" if fn is os.system else f"open({str(sentinel)!r}, 'w')"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"G_ema": _Evil(fn, arg)}))
-    with pytest.raises(sp.RefusedPickleError, match=name) as info:
+    with pytest.raises(reader.RefusedPickleError, match=name) as info:
         sp.load_stylegan2_pickle(path)
     assert isinstance(info.value, ValueError)
     assert not sentinel.exists()
@@ -708,7 +710,7 @@ def test_plain_numpy_values_still_load(tmp_path):
     path.write_bytes(pickle.dumps({"G_ema": None, "values": values}))
     with pytest.raises(ValueError, match="'G', 'D' or 'G_ema'"):  # no network, but it did load:
         sp.load_stylegan2_pickle(path)
-    loaded = sp._materialise(sp._RestrictedUnpickler(open(path, "rb")).load())["values"]
+    loaded = reader._materialise(reader._RestrictedUnpickler(open(path, "rb")).load())["values"]
     for key, value in values.items():
         assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value), key
     # raw data that does not match the declared shape is refused

@@ -15,8 +15,7 @@ import argparse
 import sys
 
 # Each converter (Flax, Orbax; torch for .pth files) is imported when its command runs, not when the
-# command line is parsed: `viscoin-jax --help` builds this command's parser. The StyleGAN2 converter's
-# module is imported to build its parser and keeps its own heavy imports inside its functions.
+# command line is parsed: `viscoin-jax --help` builds this command's parser.
 
 
 def _resnet(args) -> int:
@@ -38,6 +37,14 @@ def _lpips(args) -> int:
     return 0
 
 
+def _stylegan2(args) -> int:
+    from .stylegan2_pickle import convert_stylegan2
+    networks = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+    out = convert_stylegan2(args.pkl, args.out_dir, networks=networks, overwrite=args.force)
+    print(f"wrote {', '.join(networks)} to {out}")
+    return 0
+
+
 def _guard(func):
     def run(args):
         try:
@@ -53,9 +60,14 @@ def add_parser(subparsers) -> None:
                               "FID Inception, LPIPS)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    from .stylegan2_pickle import add_convert_parser, run as run_stylegan2
-    sg = add_convert_parser(sub)
-    sg.set_defaults(func=_guard(run_stylegan2))
+    sg = sub.add_parser("stylegan2", help="official StyleGAN2-ADA pickle (network-snapshot-*.pkl), read "
+                        "without running it, to Orbax checkpoints")
+    sg.add_argument("pkl", help="official StyleGAN2-ADA network pickle (network-snapshot-*.pkl)")
+    sg.add_argument("out_dir", help="directory for the Orbax checkpoints and config.json")
+    sg.add_argument("--networks", default="G_ema,D",
+                    help="comma-separated networks to convert, from G, G_ema, D (default: G_ema,D)")
+    sg.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    sg.set_defaults(func=_guard(_stylegan2))
     r = sub.add_parser("resnet", help="torchvision ResNet state dict (.pth)")
     r.add_argument("pth")
     r.add_argument("out_dir")
