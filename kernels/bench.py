@@ -207,24 +207,27 @@ def main(args: argparse.Namespace) -> int:
     impls = args.impls or default_impls(platform)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     repeats = args.repeats or (20 if on_accel else 3)
-    print(f"bench-kernels: batch {batch}, resolutions {resolutions}, impls {impls}, {args.dtype}",
-          flush=True)
-    rows, platform, copy_gbs = run(resolutions, batch, impls, repeats, dtype, args.ops, args.copy_bytes)
+    print(f"bench-kernels: batch {batch}, resolutions {resolutions}, impls {impls}, {args.dtype}, "
+          f"matmul precision {args.precision}", flush=True)
+    # one precision policy for both paths (jax_default_matmul_precision): they do the same arithmetic
+    with jax.default_matmul_precision(args.precision):
+        rows, platform, copy_gbs = run(resolutions, batch, impls, repeats, dtype, args.ops, args.copy_bytes)
     print(format_table(rows, platform, copy_gbs))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(platform=platform, device=jax.devices()[0].device_kind, copy_gbs=copy_gbs,
-                           batch=batch, dtype=args.dtype, rows=rows), fh, indent=1)
+                           batch=batch, dtype=args.dtype, precision=args.precision, rows=rows), fh, indent=1)
     if args.write_table is not None:
-        write_table(rows, args.write_table, platform, batch)
+        write_table(rows, args.write_table, platform, batch, args.precision)
     return 0
 
 
-def write_table(rows, where: str, platform: str, batch: int) -> str:
+def write_table(rows, where: str, platform: str, batch: int, precision: str = "default") -> str:
     """Write the tuning table of this device kind from the run's rows; `where` is a directory (the
     file is named after the device kind) or a .json path. Returns the path written."""
     kind = jax.devices()[0].device_kind
     table = tuning.table_from_rows(rows, kind, platform, batch, jax.__version__)
+    table["precision"] = precision  # the matmul precision both paths were timed at
     if not table["entries"]:
         raise SystemExit("bench-kernels --write-table: no layer was timed with both 'pallas' and 'xla' "
                          "(run it on a GPU or TPU, or pass --impls xla pallas)")
@@ -248,6 +251,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ops", nargs="+", choices=["upfirdn2d", "modconv"], default=["upfirdn2d", "modconv"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--precision", choices=["default", "high", "highest"], default="default",
+                   help="matmul precision of both paths (jax.default_matmul_precision): 'default' is what "
+                        "XLA runs on the platform (TF32 on NVIDIA Ampere and newer, bf16 passes on TPU)")
     p.add_argument("--copy-bytes", type=int, default=1 << 30, help="array size for the copy bandwidth")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--write-table", nargs="?", const=".", default=None, metavar="DIR_OR_JSON",

@@ -26,8 +26,9 @@ from .plans import compiler_params, conv_plans, conv_tiles, triton_pipelining
 
 
 def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+    # precision None: JAX's `jax_default_matmul_precision` at trace time decides, as for the XLA path
+    # (the default: TF32 on NVIDIA Ampere and newer, bf16 passes on TPU; "highest": full fp32)
+    return jax.lax.dot_general(a, b, dims, precision=None, preferred_element_type=jnp.float32)
 
 
 def _conv_kernel(in_scale_ref, out_scale_ref, w_ref, x_ref, o_ref, *, table, tile_h, tile_w,

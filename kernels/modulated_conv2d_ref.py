@@ -16,7 +16,9 @@ from .conv2d_resample import dilated_conv, polyphase_conv
 from .upfirdn2d import upfirdn2d_reference
 
 _DN = ("NHWC", "HWIO", "NHWC")
-_PRECISION = jax.lax.Precision.HIGHEST
+# None: the precision policy of both paths is JAX's own `jax_default_matmul_precision` (what XLA does
+# on the platform by default; the tests set "highest"), so the kernels and XLA do the same arithmetic.
+_PRECISION = None
 
 
 def resample_padding(padding, up, down, f) -> tuple[int, int, int, int]:
@@ -85,7 +87,7 @@ def modulated_conv2d_grouped_reference(x, weight, styles, demodulate=True, up=1,
     xg = x.astype(jnp.float32).transpose(1, 2, 0, 3).reshape(1, h, w, n * cin)
     px0, px1, py0, py1 = resample_padding(padding, up, down, f)
     conv = functools.partial(jax.lax.conv_general_dilated, dimension_numbers=_DN,
-                             feature_group_count=n, precision=jax.lax.Precision.HIGHEST)
+                             feature_group_count=n, precision=_PRECISION)
     if up > 1:
         y = conv(xg, wn, (1, 1), ((py0, py1 + up - 1), (px0, px1 + up - 1)), lhs_dilation=(up, up))
         y = upfirdn2d_reference(y, f, gain=up * up)
