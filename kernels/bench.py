@@ -202,6 +202,12 @@ def format_table(rows, platform, copy_gbs) -> str:
 def main(args: argparse.Namespace) -> int:
     platform = jax.default_backend()
     on_accel = platform in ("gpu", "tpu")
+    if args.plan:  # no device needed: grids, work and roofline times of the kernels
+        from .roofline import format_plan
+        layers = [l for r in (args.resolutions or [256]) for l in stylegan2_layers(r, args.batch or 32)
+                  if l.op in args.ops]
+        print(format_plan(layers, args.dtype))
+        return 0
     batch = args.batch or (32 if on_accel else 1)
     resolutions = args.resolutions or ([256, 1024] if on_accel else [256])
     impls = args.impls or default_impls(platform)
@@ -256,6 +262,9 @@ def add_parser(subparsers) -> None:
                         "XLA runs on the platform (TF32 on NVIDIA Ampere and newer, bf16 passes on TPU)")
     p.add_argument("--copy-bytes", type=int, default=1 << 30, help="array size for the copy bandwidth")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--plan", action="store_true",
+                   help="time nothing: print each kernel's grid against the SMs of an H100/H200 and a TPU's "
+                        "cores, the FLOPs and bytes it moves and its roofline time (batch 32 unless --batch)")
     p.add_argument("--write-table", nargs="?", const=".", default=None, metavar="DIR_OR_JSON",
                    help="write the tuning table impl='auto' reads (per layer shape, the faster of pallas and "
                         "xla, forward + backward) for this device kind into DIR (default: the current "

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 from . import _phases
 from ._dispatch import TPU_LANES, interpret_mode, jit_per_shape, uses_tpu_layout
-from .plans import compiler_params, conv_plans, conv_tiles, triton_pipelining
+from .plans import GPU_TARGET_PROGRAMS, compiler_params, conv_plans, conv_tiles, triton_pipelining, weight_grad_splits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,17 +77,20 @@ def _accumulate_weight_grad(accs, x_tile, g_tile, scale, flat_taps, m, compute_d
 
 
 def _weight_grad_kernel_gpu(in_scale_ref, x_ref, g_ref, o_ref, *, flat_taps, tile_h, tile_w,
-                            tiles_h, tiles_w, batch, compute_dtype):
-    """GPU / interpret: each program owns a [bi, bo] block of every tap and loops over pixels.
+                            tiles_h, tiles_w, steps_per_split, compute_dtype):
+    """GPU / interpret: each program owns a [bi, bo] block of every tap and loops over its part of the
+    batch x pixel tiles (grid axis 2 numbers the parts; their partial sums are added up after).
 
     x_ref: [N, phases, Jy, Jx, Cin] (whole array); g_ref: [N, rows, uy, cols, ux, Cout] (whole);
-    o_ref: [kh, kw, bi, bo].
+    o_ref: [1, kh, kw, bi, bo] (this part's partial sum).
     """
-    bi, bo = o_ref.shape[2], o_ref.shape[3]
+    bi, bo = o_ref.shape[3], o_ref.shape[4]
     c0, o0 = pl.program_id(0) * bi, pl.program_id(1) * bo
+    first = pl.program_id(2) * steps_per_split
     m = tile_h * tile_w
 
-    def body(step, accs):
+    def body(i, accs):
+        step = first + i
         # lax.div/rem: jnp's floor division lowers to select ops Triton's integer rules reject.
         n = jax.lax.div(step, tiles_h * tiles_w)
         h0 = jax.lax.rem(jax.lax.div(step, tiles_w), tiles_h) * tile_h
@@ -98,9 +101,9 @@ def _weight_grad_kernel_gpu(in_scale_ref, x_ref, g_ref, o_ref, *, flat_taps, til
         return tuple(_accumulate_weight_grad(accs, x_tile, g_tile, scale, flat_taps, m, compute_dtype))
 
     init = tuple(jnp.zeros((bi, bo), jnp.float32) for _ in flat_taps)
-    accs = jax.lax.fori_loop(0, batch * tiles_h * tiles_w, body, init)
+    accs = jax.lax.fori_loop(0, steps_per_split, body, init)
     for acc, (_, _, ky, kx, _, _, _) in zip(accs, flat_taps):
-        o_ref[ky, kx] = acc
+        o_ref[0, ky, kx] = acc
 
 
 def _weight_grad_kernel_tpu(in_scale_ref, x_ref, g_ref, o_ref, *, flat_taps, tile_h, tile_w,
@@ -226,19 +229,26 @@ def weight_grad_pallas(x, g, in_scale, w_shape, geometry, backend, block_sizes=N
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)
     else:
+        # Occupancy: (Cin/bi) x (Cout/bo) programs are few for narrow layers (2 for 64 -> 64), so the
+        # batch x pixel-tile loop is cut into parts run by programs of their own, summed after.
+        steps = n * (rows // tile_h) * (cols // tile_w)
+        # (the interpreter runs programs one by one: a few parts there test the split, cheaply)
+        splits = weight_grad_splits(steps, (cin_p // bi) * (cout_p // bo), block_sizes,
+                                    GPU_TARGET_PROGRAMS if backend == "gpu" else 4)
         kernel = functools.partial(_weight_grad_kernel_gpu, flat_taps=flat_taps, tile_h=tile_h,
                                    tile_w=tile_w, tiles_h=rows // tile_h, tiles_w=cols // tile_w,
-                                   batch=n, compute_dtype=compute_dtype)
-        whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
-        dw = pl.pallas_call(
+                                   steps_per_split=steps // splits, compute_dtype=compute_dtype)
+        whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+        partial_sums = pl.pallas_call(
             kernel,
-            grid=(cin_p // bi, cout_p // bo),
+            grid=(cin_p // bi, cout_p // bo, splits),
             in_specs=[whole(in_scale), whole(xph), whole(g)],
-            out_specs=out_spec,
-            out_shape=out_shape,
+            out_specs=pl.BlockSpec((1, kh, kw, bi, bo), lambda i, j, s: (s, 0, 0, i, j)),
+            out_shape=jax.ShapeDtypeStruct((splits, kh, kw, cin_p, cout_p), jnp.float32),
             compiler_params=compiler_params(
                 backend, None, triton_pipelining("weight_grad", tile_h * tile_w, bi, bo, table)[0]),
             interpret=interpret_mode(backend),
             name="modulated_conv2d_weight_grad",
         )(in_scale, xph, g)
+        dw = partial_sums.sum(0)
     return dw[:, :, :cin, :cout]

@@ -35,6 +35,11 @@ TPU_VMEM_BUDGET_BYTES = 12 * 2**20
 # no loop and asks for under 1 KiB at any size (docs/performance.md), so it needs no estimate.
 GPU_SHARED_MEMORY_BUDGET_BYTES = 96 * 2**10
 
+# Streaming multiprocessors of the GPUs the kernels are sized for (H100 / H200 SXM: 132). A grid of
+# fewer programs leaves SMs idle; the weight gradient splits its pixel loop until it has two waves.
+GPU_SM_COUNT = 132
+GPU_TARGET_PROGRAMS = 2 * GPU_SM_COUNT
+
 
 # --------------------------------------------------------------------------------------------------
 # Block sizes
@@ -60,9 +65,16 @@ class ConvBlockSizes:
     tile_w: int
     block_in: int
     block_out: int
+    # GPU weight gradient: the batch x pixel-tile loop cut into this many parts run by separate
+    # programs (partial sums, added up after); 0 = `weight_grad_splits` chooses
+    weight_grad_splits: int = 0
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
+        splits = self.weight_grad_splits
+        if not isinstance(splits, (int, np.integer)) or isinstance(splits, (bool, np.bool_)) or splits < 0:
+            raise ValueError(f"ConvBlockSizes: weight_grad_splits must be an int >= 0 (0: automatic), got {splits!r}")
+        object.__setattr__(self, "weight_grad_splits", int(splits))
+        for field in dataclasses.fields(self)[:4]:
             value = getattr(self, field.name)
             if not _is_power_of_two(value):
                 raise ValueError(f"ConvBlockSizes: {field.name} must be a positive power of two, got {value!r}")
@@ -83,6 +95,21 @@ class ConvBlockSizes:
                    tile_w=max(min(16, pl.next_power_of_2(cols)), 16 // tile_h),
                    block_in=max(16, min(32, pl.next_power_of_2(cin))),
                    block_out=max(16, min(64, pl.next_power_of_2(cout))))
+
+
+def weight_grad_splits(steps: int, channel_programs: int, block_sizes=None,
+                       target_programs: int = GPU_TARGET_PROGRAMS) -> int:
+    """How many parts the GPU weight gradient cuts its `steps` (batch x pixel tiles) into: the
+    smallest divisor of `steps` that brings channel_programs x parts to `target_programs` (all of
+    `steps` when none does), or the block sizes' own choice, which must divide `steps`."""
+    if block_sizes is not None and block_sizes.weight_grad_splits:
+        splits = block_sizes.weight_grad_splits
+        if steps % splits:
+            raise ValueError(f"ConvBlockSizes.weight_grad_splits={splits} must divide the weight gradient's "
+                             f"{steps} batch x pixel-tile steps")
+        return splits
+    want = -(-target_programs // max(channel_programs, 1))
+    return next((d for d in range(1, steps + 1) if steps % d == 0 and d >= want), steps)
 
 
 def check_block_sizes(block_sizes) -> None:

@@ -2,6 +2,7 @@
 definition's, forward and backward; bad tiles fail at once with a one-line ValueError."""
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +116,45 @@ def test_block_sizes_must_be_the_dataclass(bad):
         with pytest.raises(ValueError, match="block_sizes must be a ConvBlockSizes or None") as info:
             modulated_conv2d(x, w, s, padding=1, impl=impl, block_sizes=bad)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_weight_gradient_split_over_pixel_parts_equals_the_reference(case):
+    """The GPU weight gradient cut into parts (partial sums added after) gives the XLA path's gradient,
+    for an explicit number of parts that divides the batch x pixel-tile steps, and one that does not
+    is refused in one line."""
+    x, w, s = (jnp.asarray(a) for a in _inputs(case, seed=300 + case))
+    cot = jnp.asarray(np.random.default_rng(case).standard_normal(_op(case, "xla")(x, w, s).shape), jnp.float32)
+    grad = lambda impl, blocks=None: jax.grad(lambda w: jnp.sum(_op(case, impl, blocks)(x, w, s) * cot))(w)
+    want = grad("xla")
+    blocks = dict(tile_h=1, tile_w=16, block_in=16, block_out=16)
+    accepted, refused, steps = [], [], None
+    for splits in range(2, 9):
+        try:
+            got = grad("interpret", ConvBlockSizes(**blocks, weight_grad_splits=splits))
+        except ValueError as e:
+            m = re.search(rf"weight_grad_splits={splits} must divide the weight gradient's (\d+) ", str(e))
+            assert m and "\n" not in str(e).splitlines()[0], str(e)
+            steps = int(m.group(1))
+            refused.append(splits)
+            continue
+        assert rel_err(got, want) < 1e-5, splits
+        accepted.append(splits)
+    assert accepted and refused  # both paths were taken
+    assert accepted == [d for d in range(2, 9) if steps % d == 0]  # exactly the divisors run
+
+
+def test_automatic_weight_gradient_splits_are_the_smallest_divisor_reaching_the_target():
+    plans = importlib.import_module("viscoin_jax.kernels.plans")
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        steps, channel_programs, target = (int(v) for v in rng.integers(1, 400, 3))
+        got = plans.weight_grad_splits(steps, channel_programs, None, target)
+        ok = [d for d in range(1, steps + 1) if steps % d == 0 and d * channel_programs >= target]
+        assert got == (ok[0] if ok else steps)
+    # a 64 -> 64 channel layer at 256 px, batch 32: 2 channel programs alone would idle 130 of 132 SMs
+    tiles = 32 * (256 // 8) * (256 // 16)
+    splits = plans.weight_grad_splits(tiles, 2)
+    assert splits * 2 >= plans.GPU_TARGET_PROGRAMS and tiles % splits == 0
+    with pytest.raises(ValueError, match="weight_grad_splits must be an int >= 0"):
+        ConvBlockSizes(8, 16, 32, 64, weight_grad_splits=-1)
