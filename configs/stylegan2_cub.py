@@ -32,9 +32,10 @@ def get_config(arg=None):
     c.model = ConfigDict(dict(
         generator=dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=RESOLUTION, img_channels=3,
                        mapping_layers=2, channel_base=16384, channel_max=512, num_fp16_res=4,
-                       conv_clamp=256.0),
+                       conv_clamp=256.0, mixed_precision="auto"),  # bf16 top 4 resolutions on GPU/TPU
         discriminator=dict(c_dim=0, img_resolution=RESOLUTION, img_channels=3, channel_base=16384,
-                           channel_max=512, num_fp16_res=4, conv_clamp=256.0, mbstd_group_size=8),
+                           channel_max=512, num_fp16_res=4, conv_clamp=256.0, mbstd_group_size=8,
+                           mixed_precision="auto"),
     ))
     c.stylegan2 = ConfigDict(dict(
         style_mixing_prob=0.9,

@@ -35,9 +35,10 @@ def get_config(arg=None):
     c.model = ConfigDict(dict(
         generator=dict(z_dim=64, c_dim=0, w_dim=64, img_resolution=RESOLUTION, img_channels=3,
                        mapping_layers=2, channel_base=1024, channel_max=32, conv_clamp=256.0,
-                       impl=IMPL),
+                       num_fp16_res=0, mixed_precision="auto", impl=IMPL),
         discriminator=dict(c_dim=0, img_resolution=RESOLUTION, img_channels=3, channel_base=1024,
-                           channel_max=32, mbstd_group_size=32, conv_clamp=256.0, impl=IMPL),
+                           channel_max=32, mbstd_group_size=32, conv_clamp=256.0, num_fp16_res=0,
+                           mixed_precision="auto", impl=IMPL),
     ))
     c.stylegan2 = ConfigDict(dict(
         style_mixing_prob=0.9,

@@ -95,6 +95,29 @@ def _thaw_config(items: tuple) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in items}
 
 
+MIXED_PRECISION = ("auto", "bfloat16", "float16", "float32")
+
+
+def mixed_dtype(mixed_precision: str):
+    """The compute dtype of the reduced-precision blocks: "auto" is bfloat16 on GPU and TPU and float32
+    on CPU (where bfloat16 is slow); float16 as asked (it needs loss scaling to train)."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(mixed_precision).type
+
+
+def block_dtype(res: int, img_resolution: int, num_fp16_res: int, mixed_precision: str):
+    """A block's compute dtype, as the reference: the `num_fp16_res` highest resolutions (never below
+    8 px) run in the reduced dtype, the others in float32. Parameters stay float32 (master weights)
+    and are cast where used; toRGB's output, the image skip path and D's epilogue stay float32."""
+    if num_fp16_res <= 0:
+        return jnp.float32
+    fp16_resolution = max(2 ** (_log2_resolution(img_resolution) + 1 - num_fp16_res), 8)
+    return mixed_dtype(mixed_precision) if res >= fp16_resolution else jnp.float32
+
+
 def _is_one(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and value == 1
 
@@ -217,7 +240,7 @@ class SynthesisLayer(nnx.Module):
                              f"{self.resolution // self.up}, {self.in_channels}], got shape {x.shape}")
         styles = self.affine(w)
         f = setup_filter(self.resample_filter) if self.up > 1 else None
-        x = modulated_conv2d(x, self.weight[...], styles, demodulate=True, up=self.up,
+        x = modulated_conv2d(x, self.weight[...].astype(x.dtype), styles, demodulate=True, up=self.up,
                              padding=self.padding, resample_filter=f, impl=self.impl)
         if self.use_noise and noise_mode == "random":
             shape = (x.shape[0], self.resolution, self.resolution, 1)
@@ -227,9 +250,9 @@ class SynthesisLayer(nnx.Module):
                 noise = jax.random.normal(noise_rng, shape, jnp.float32)
             elif noise.shape != shape:
                 raise ValueError(f"noise must have shape {shape}, got {noise.shape}")
-            x = x + noise * self.noise_strength[...]
+            x = x + (noise * self.noise_strength[...]).astype(x.dtype)
         elif self.use_noise and noise_mode == "const":
-            x = x + (self.noise_const[...] * self.noise_strength[...])[None, :, :, None]
+            x = x + (self.noise_const[...] * self.noise_strength[...])[None, :, :, None].astype(x.dtype)
         act_gain = ACTIVATIONS[self.activation][1] * gain
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
         return bias_act(x, self.bias[...], self.activation, gain=act_gain, clamp=clamp)
@@ -252,8 +275,8 @@ class ToRGBLayer(nnx.Module):
 
     def __call__(self, x, w):
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight[...], styles, demodulate=False, padding=self.padding,
-                             impl=self.impl)
+        x = modulated_conv2d(x, self.weight[...].astype(x.dtype), styles, demodulate=False,
+                             padding=self.padding, impl=self.impl)
         return bias_act(x, self.bias[...], "linear", clamp=self.conv_clamp)
 
 
@@ -264,10 +287,11 @@ class SynthesisBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int,
                  img_channels: int, *, use_noise: bool = True,
                  resample_filter=DEFAULT_RESAMPLE_FILTER, conv_clamp: float | None = None,
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.resolution = resolution
         self.resample_filter = tuple(float(v) for v in resample_filter)
+        self.dtype = dtype  # compute dtype of the convolutions (block_dtype); parameters stay float32
         self.impl = impl
         layer_kw = dict(use_noise=use_noise, resample_filter=resample_filter,
                         conv_clamp=conv_clamp, impl=impl, rngs=rngs)
@@ -292,10 +316,10 @@ class SynthesisBlock(nnx.Module):
         if noise_mode == "random" and any(n is None for n in noise):
             raise ValueError("noise_mode='random' needs one noise map per conv layer")
         if self.in_channels == 0:
-            x = jnp.broadcast_to(self.const[...][None], (ws.shape[0],) + self.const.shape)
+            x = jnp.broadcast_to(self.const[...][None], (ws.shape[0],) + self.const.shape).astype(self.dtype)
             x = self.conv1(x, ws[:, 0], noise_mode, noise=noise[0])
         else:
-            x = self.conv0(x, ws[:, 0], noise_mode, noise=noise[0])
+            x = self.conv0(x.astype(self.dtype), ws[:, 0], noise_mode, noise=noise[0])
             x = self.conv1(x, ws[:, 1], noise_mode, noise=noise[1])
         if img is not None:
             img = upsample2d(img, setup_filter(self.resample_filter), impl=self.impl)
@@ -314,8 +338,8 @@ class SynthesisNetwork(nnx.Module):
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, *,
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: float | None = None, use_noise: bool = True,
-                 resample_filter=DEFAULT_RESAMPLE_FILTER, impl: str = "auto", rngs: nnx.Rngs):
-        del num_fp16_res  # accepted for config compatibility; everything runs in float32
+                 resample_filter=DEFAULT_RESAMPLE_FILTER, mixed_precision: str = "auto",
+                 impl: str = "auto", rngs: nnx.Rngs):
         log2 = _log2_resolution(img_resolution)
         self.w_dim = w_dim
         self.img_resolution = img_resolution
@@ -327,6 +351,7 @@ class SynthesisNetwork(nnx.Module):
             block = SynthesisBlock(in_channels, channels_for(res, channel_base, channel_max), w_dim,
                                    res, img_channels, use_noise=use_noise,
                                    resample_filter=resample_filter, conv_clamp=conv_clamp,
+                                   dtype=block_dtype(res, img_resolution, num_fp16_res, mixed_precision),
                                    impl=impl, rngs=rngs)
             setattr(self, f"b{res}", block)
             num_ws += block.num_conv
@@ -372,8 +397,9 @@ class Generator(nnx.Module):
     """StyleGAN2 generator: `G(z, c)` -> images [N, R, R, img_channels], roughly in [-1, 1].
 
     The arguments follow the reference's Generator with its mapping / synthesis keyword dicts
-    flattened (`mapping_layers` = mapping_kwargs.num_layers, ...). `num_fp16_res` is accepted and
-    ignored. `impl` selects the kernels' implementation ("auto", "pallas", "interpret", "xla").
+    flattened (`mapping_layers` = mapping_kwargs.num_layers, ...). The `num_fp16_res` highest
+    resolutions compute in `mixed_precision`'s dtype (`block_dtype`; "auto": bfloat16 on GPU / TPU,
+    float32 on CPU). `impl` selects the kernels' implementation ("auto", "pallas", "interpret", "xla").
     """
 
     def __init__(self, z_dim: int = 512, c_dim: int = 0, w_dim: int = 512, img_resolution: int = 256,
@@ -381,7 +407,9 @@ class Generator(nnx.Module):
                  mapping_lr_multiplier: float = 0.01, w_avg_beta: float = 0.995,
                  channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: float | None = None, use_noise: bool = True,
-                 resample_filter=DEFAULT_RESAMPLE_FILTER, impl: str = "auto", rngs: nnx.Rngs):
+                 resample_filter=DEFAULT_RESAMPLE_FILTER, mixed_precision: str = "auto",
+                 impl: str = "auto", rngs: nnx.Rngs):
+        mixed_dtype(mixed_precision)  # a bad name fails here, before any parameter is drawn
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self._config = _frozen_config(
@@ -389,11 +417,13 @@ class Generator(nnx.Module):
             img_channels=img_channels, mapping_layers=mapping_layers,
             mapping_lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta,
             channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
-            conv_clamp=conv_clamp, use_noise=use_noise, resample_filter=resample_filter, impl=impl)
+            conv_clamp=conv_clamp, use_noise=use_noise, resample_filter=resample_filter,
+            mixed_precision=mixed_precision, impl=impl)
         self.synthesis = SynthesisNetwork(w_dim, img_resolution, img_channels,
                                           channel_base=channel_base, channel_max=channel_max,
-                                          conv_clamp=conv_clamp, use_noise=use_noise,
-                                          resample_filter=resample_filter, impl=impl, rngs=rngs)
+                                          num_fp16_res=num_fp16_res, conv_clamp=conv_clamp,
+                                          use_noise=use_noise, resample_filter=resample_filter,
+                                          mixed_precision=mixed_precision, impl=impl, rngs=rngs)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, c_dim, w_dim, self.num_ws, num_layers=mapping_layers,
                                       lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta,
@@ -444,11 +474,12 @@ class DiscriminatorBlock(nnx.Module):
 
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int,
                  img_channels: int, *, resample_filter=DEFAULT_RESAMPLE_FILTER,
-                 conv_clamp: float | None = None, impl: str = "auto", rngs: nnx.Rngs):
+                 conv_clamp: float | None = None, dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
         if in_channels not in (0, tmp_channels):
             raise ValueError(f"in_channels must be 0 or {tmp_channels}, got {in_channels}")
         self.in_channels = in_channels
         self.resolution = resolution
+        self.dtype = dtype  # compute dtype (block_dtype); parameters stay float32
         kw = dict(resample_filter=resample_filter, impl=impl, rngs=rngs)
         self.fromrgb = (Conv2dLayer(img_channels, tmp_channels, 1, activation="lrelu",
                                     conv_clamp=conv_clamp, **kw) if in_channels == 0 else None)
@@ -460,7 +491,8 @@ class DiscriminatorBlock(nnx.Module):
 
     def __call__(self, x, img):
         if self.in_channels == 0:
-            x = self.fromrgb(img)
+            x = self.fromrgb(img.astype(self.dtype))
+        x = x.astype(self.dtype)
         y = self.skip(x, gain=math.sqrt(0.5))
         x = self.conv0(x)
         x = self.conv1(x, gain=math.sqrt(0.5))
@@ -507,8 +539,8 @@ class Discriminator(nnx.Module):
                  conv_clamp: float | None = None, cmap_dim: int | None = None,
                  mbstd_group_size: int | None = 4, mbstd_num_channels: int = 1,
                  mapping_layers: int = 8, resample_filter=DEFAULT_RESAMPLE_FILTER,
-                 impl: str = "auto", rngs: nnx.Rngs):
-        # num_fp16_res is accepted for config compatibility; everything runs in float32.
+                 mixed_precision: str = "auto", impl: str = "auto", rngs: nnx.Rngs):
+        mixed_dtype(mixed_precision)  # a bad name fails here, before any parameter is drawn
         log2 = _log2_resolution(img_resolution)
         if img_resolution < 8:
             raise ValueError(f"the discriminator needs img_resolution >= 8, got {img_resolution}")
@@ -519,7 +551,7 @@ class Discriminator(nnx.Module):
             channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
             conv_clamp=conv_clamp, cmap_dim=cmap_dim, mbstd_group_size=mbstd_group_size,
             mbstd_num_channels=mbstd_num_channels, mapping_layers=mapping_layers,
-            resample_filter=resample_filter, impl=impl)
+            resample_filter=resample_filter, mixed_precision=mixed_precision, impl=impl)
         self.block_resolutions = tuple(2 ** i for i in range(log2, 2, -1))
         ch = lambda res: channels_for(res, channel_base, channel_max)  # noqa: E731
         if cmap_dim is None:
@@ -531,7 +563,8 @@ class Discriminator(nnx.Module):
             in_channels = ch(res) if res < img_resolution else 0
             setattr(self, f"b{res}", DiscriminatorBlock(
                 in_channels, ch(res), ch(res // 2), res, img_channels, resample_filter=resample_filter,
-                conv_clamp=conv_clamp, impl=impl, rngs=rngs))
+                conv_clamp=conv_clamp, dtype=block_dtype(res, img_resolution, num_fp16_res, mixed_precision),
+                impl=impl, rngs=rngs))
         self.mapping = (MappingNetwork(0, c_dim, cmap_dim, None, num_layers=mapping_layers,
                                        w_avg_beta=None, rngs=rngs) if c_dim > 0 else None)
         self.b4 = DiscriminatorEpilogue(ch(4), cmap_dim, 4, mbstd_group_size=mbstd_group_size,
@@ -553,7 +586,7 @@ class Discriminator(nnx.Module):
         cmap = None
         if self.c_dim > 0:
             cmap = self.mapping(None, c)
-        return self.b4(x, cmap)
+        return self.b4(x.astype(jnp.float32), cmap)
 
 
 def count_params(module_or_state) -> int:

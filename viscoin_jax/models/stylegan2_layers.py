@@ -125,10 +125,10 @@ class Conv2dLayer(nnx.Module):
     def __call__(self, x, gain: float = 1.0):
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"Conv2dLayer expects [N, H, W, {self.in_channels}], got shape {x.shape}")
-        w = self.weight[...] * self.weight_gain
+        w = (self.weight[...] * self.weight_gain).astype(x.dtype)  # float32 master weights, cast here
         ones = jnp.ones((x.shape[0], self.in_channels), jnp.float32)
         f = setup_filter(self.resample_filter) if self.down > 1 else None
-        y = modulated_conv2d(x.astype(jnp.float32), w, ones, demodulate=False, down=self.down,
+        y = modulated_conv2d(x, w, ones, demodulate=False, down=self.down,
                              padding=self.padding, resample_filter=f, impl=self.impl)
         b = None if self.bias is None else self.bias[...]
         act_gain = ACTIVATIONS[self.activation][1] * gain

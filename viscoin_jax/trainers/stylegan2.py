@@ -23,9 +23,11 @@ Task state: {"step", "G", "G_ema", "G_vars", "D", ["D_vars"], "G_opt", "D_opt", 
 generator's other variables (w_avg, constant noise) shared by G and G_ema (the reference copies
 buffers into G_ema rather than averaging them).
 
-Precision: everything runs in float32. The models accept `num_fp16_res` for config
-compatibility but ignore it, so the reference's mixed precision (fp16 in the highest-resolution
-blocks, with `conv_clamp`) is not reproduced; `conv_clamp` is honoured.
+Precision: as the reference, the `num_fp16_res` highest resolutions of G and D compute in a reduced
+dtype with `conv_clamp` on their activations, everything else in float32; parameters, optimiser
+state and gradients stay float32 (master weights). The reduced dtype is `mixed_precision`: "auto"
+is bfloat16 on GPU and TPU and float32 on CPU; float16 (the reference's) would need loss scaling and
+is refused.
 Conditional training (`c_dim > 0`) is not implemented and is rejected.
 """
 
@@ -80,6 +82,9 @@ def _check_config(config: Any) -> None:
         raise ValueError("conditional StyleGAN2 training (c_dim > 0) is not implemented")
     res = int(config.data.resolution)
     for name, m in (("generator", g), ("discriminator", d)):
+        if int(m.get("num_fp16_res", 0)) > 0 and m.get("mixed_precision", "auto") == "float16":
+            raise ValueError(f"config.model.{name}.mixed_precision=float16 needs loss scaling, which this "
+                             "trainer does not do; use bfloat16 (same range as float32) or auto")
         if int(m.img_resolution) != res:
             raise ValueError(f"config.model.{name}.img_resolution={m.img_resolution} differs from "
                              f"config.data.resolution={res}")
