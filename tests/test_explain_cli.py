@@ -1,13 +1,16 @@
 """`viscoin-jax explain` from a classifier checkpoint, in a new process; bad input fails clearly."""
 
 import html.parser
+import io
 import os
+import struct
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.classifier_report import cascade_layers, explain_classifier
@@ -48,10 +51,34 @@ def test_explain_in_a_new_process_writes_report_and_arrays(checkpoint, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     parser = _Images()
-    parser.feed((out / "report.html").read_text())
-    assert parser.count == 3 * 3  # inputs + two heat-map grids
+    html = (out / "report.html").read_text()
+    parser.feed(html)
+    # the summary's thumbnail, the inputs, and per image the original beside each method's map
+    assert parser.count == 1 + 3 + 3 * 3
+    assert "higher is better" in html and "pink" in html and "purple" in html  # directions and class names
     with np.load(out / "grad_cam.npz") as arrays:
         assert arrays["maps"].shape == (3, 32, 32) and np.all(arrays["maps"] >= 0)  # ReLU'd CAM
+    # the key figure is a file of the report's folder and an image in the run's TensorBoard event files
+    key = np.asarray(Image.open(out / "key_images" / "attribution_maps.png"))
+    assert key.shape == (32, 3 * 32, 3)  # the original, then gradient and Grad-CAM over it
+    logged = [_event_pngs(f, "explain/attribution_maps") for f in checkpoint.glob("events.out.tfevents.*")]
+    logged = [png for pngs in logged for png in pngs]
+    assert logged and np.array_equal(np.asarray(Image.open(io.BytesIO(logged[-1]))), key)
+
+
+def _event_pngs(path, tag: str) -> list[bytes]:
+    """The PNGs logged under `tag` in a TensorBoard event file, read from its records (length, crc,
+    record, crc) without TensorFlow: each image's encoded PNG follows its tag."""
+    data, out, pos = path.read_bytes(), [], 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        record = data[pos + 12:pos + 12 + length]
+        pos += 12 + length + 4
+        at = record.find(tag.encode())
+        if at >= 0 and b"\x89PNG" in record[at:]:
+            start = record.index(b"\x89PNG", at)
+            out.append(record[start:record.index(b"IEND", start) + 8])
+    return out
 
 
 def test_explain_maps_equal_the_library_functions(checkpoint, tmp_path):

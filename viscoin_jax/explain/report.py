@@ -152,6 +152,14 @@ def difference_maps(before, after) -> np.ndarray:
     return d.mean(axis=-1) if d.ndim == 4 else d
 
 
+def class_label(class_names: Sequence[str] | None, c) -> str:
+    """The name of class `c` where the data set names its classes, else "class c"."""
+    c = int(c)
+    if class_names is not None and 0 <= c < len(class_names) and class_names[c]:
+        return str(class_names[c])
+    return f"class {c}"
+
+
 def _text(value) -> str:
     """Display text of a table cell or metric value (escaped by the template)."""
     if isinstance(value, (bool, np.bool_)):
@@ -195,6 +203,7 @@ class Report:
         self._summary: dict | None = None
         self.num_images = 0  # embedded images (a slider's view reuses them, it adds none)
         self.key_images: dict[str, np.ndarray] = {}  # uint8 [H, W, 3] figures for TensorBoard / thumbnails
+        self.key_anchors: dict[str, str] = {}  # key image -> the id of the block it comes from
 
     # -- helpers ----------------------------------------------------------------------------------
     def _figure(self, image: np.ndarray, caption: str, width: int) -> dict:
@@ -216,7 +225,13 @@ class Report:
     def add_key_image(self, name: str, image) -> "Report":
         """Remembers a figure worth logging to TensorBoard and showing as a thumbnail (uint8 [H, W, 3])."""
         self.key_images[str(name)] = to_uint8(np.asarray(image)[None], name=f"key image {name!r}")[0]
+        self.key_anchors[str(name)] = self.last_block_id
         return self
+
+    @property
+    def last_block_id(self) -> str:
+        """The id (page anchor) of the newest block, "contents" before any."""
+        return self._blocks[-1]["id"] if self._blocks else "contents"
 
     # -- blocks ---------------------------------------------------------------------------------
     def set_summary(self, what: str, headline: Sequence[Mapping[str, Any]] = (), *, notes: Sequence[str] = (),
@@ -450,5 +465,5 @@ def save_arrays(out_dir, name: str, **arrays) -> Path:
     return path
 
 
-__all__ = ["Report", "save_arrays", "to_uint8", "png_base64", "png_bytes", "heatmap_overlay", "map_limits",
+__all__ = ["Report", "save_arrays", "class_label", "to_uint8", "png_base64", "png_bytes", "heatmap_overlay", "map_limits",
            "colour_bar", "difference_maps"]
