@@ -154,3 +154,27 @@ IMAGES_LOADED = ("Array.from(document.images).filter(i => i.getAttribute('src'))
                  ".every(i => i.complete && i.naturalWidth > 0)")
 BROKEN_IMAGES = ("Array.from(document.images).filter(i => i.getAttribute('src') && "
                  "!(i.complete && i.naturalWidth > 0)).map(i => i.alt)")
+
+
+def check_report_page(path, screenshot=None) -> dict:
+    """Opens a report in headless Chromium and checks what a reader relies on: every image loads,
+    and each slider, moved to its last and then its middle position, shows that frame of its row.
+    Returns {"images": n, "sliders": n}; saves a full-page screenshot if asked."""
+    with Browser() as browser:
+        page = browser.open(Path(path).resolve().as_uri())
+        assert page.eval(IMAGES_LOADED), page.eval(BROKEN_IMAGES)
+        sliders = page.eval("document.querySelectorAll('.slider').length")
+        for k in range(sliders):
+            moved = page.eval(f"""(() => {{
+                const s = document.querySelectorAll('.slider')[{k}], input = s.querySelector('input');
+                const frames = Array.from(document.getElementById(s.dataset.frames).querySelectorAll('img'));
+                const view = s.querySelector('img.frame'), out = [];
+                for (const i of [frames.length - 1, Math.floor((frames.length - 1) / 2)]) {{
+                    input.value = i; input.dispatchEvent(new Event('input'));
+                    out.push(view.src === frames[i].src && view.dataset.index === String(i));
+                }}
+                return out; }})()""")
+            assert all(moved), f"slider {k} does not show the frame it points at"
+        if screenshot is not None:
+            page.screenshot(screenshot)
+        return {"images": page.eval("document.images.length"), "sliders": sliders}

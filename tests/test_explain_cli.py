@@ -6,12 +6,14 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from browser import check_report_page, chromium
 from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.classifier_report import cascade_layers, explain_classifier
 from viscoin_jax.trainers.classifier import explanation_bundle
@@ -142,7 +144,8 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     layers = cascade_layers("resnet", state["params"])
     assert layers == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
     bundle = explanation_bundle(task, state)
-    summary = explain_classifier(bundle, data, ["gradient", "sanity_check", "deletion_insertion"], Report("t"), tmp_path)
+    report = Report("t")
+    summary = explain_classifier(bundle, data, ["gradient", "sanity_check", "deletion_insertion"], report, tmp_path)
     fn = bundle.classifier_fn
     x = data["images"]
     pred = np.asarray(fn(x)).argmax(-1)
@@ -170,3 +173,10 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     assert summary["best attribution deletion AUC minus random"] == pytest.approx(
         summary["gradient deletion AUC"] - summary["random attribution deletion AUC"])
     json.dumps(summary)  # every value is JSON-serialisable
+    # the curves: deletion and insertion plots, each with the method's mean curve and the dashed random one
+    html = report.to_html()
+    assert html.count("<polyline") == 4 and html.count("stroke-dasharray") >= 2 + 2  # lines and legend
+    if chromium() is not None:
+        seen = check_report_page(report.write(tmp_path), Path(os.environ.get("VISCOIN_SHOTS", "/tmp/shots")) /
+                                 "classifier_report.png")
+        assert seen["images"] >= 3 + 3 * 2

@@ -2,8 +2,6 @@
 
 import base64
 import io
-import re
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,8 +12,7 @@ from PIL import Image
 
 from viscoin_jax.explain.report import Report, difference_maps, heatmap_overlay, map_limits, save_arrays, to_uint8
 
-sys.path.insert(0, str(Path(__file__).parent))
-from browser import BROKEN_IMAGES, IMAGES_LOADED, Browser, chromium  # noqa: E402
+from browser import BROKEN_IMAGES, IMAGES_LOADED, Browser, chromium
 
 
 class PageParser(HTMLParser):

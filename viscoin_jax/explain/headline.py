@@ -29,11 +29,17 @@ GUIDE: tuple[tuple[str, str, str], ...] = (
     (r"^i-ResNet counterfactual L1$", LOWER, "mean |x' - x| of the i-ResNet counterfactuals (smaller = sparser edit)"),
     (r"^g fidelity to f \(these images\)$", HIGHER, "share of images where VisCoIN's concept head g agrees with f"),
     (r"^reconstruction MSE$", LOWER, "mean squared error of G's reconstruction of the image from its concepts"),
-    (r"^FF median \(tau 0\.1\)$", HIGHER,
+    (r"^FF median \(tau [0-9.]+\)$", HIGHER,
      "faithfulness: g's class probability lost when the relevant concepts are removed"),
     (r"^CC mean$", HIGHER, "consistency: a linear probe on f's features tells a concept's presence (0.5 = chance)"),
     (r"^top concepts whose removal changes a causal factor$", HIGHER,
      "share of top concepts whose removal changes a factor that decides the class (synthetic data)"),
+    (r"changing only causal factors$", HIGHER,
+     "share of edits that change only factors deciding the class (synthetic data; the ideal explanation)"),
+    (r"^G samples f assigns to the rarer class$", HIGHER,
+     "share of G's random samples f puts in its rarer class: 0 means G never draws that class"),
+    (r"^G samples whose blob colour is in between the stains$", LOWER,
+     "share of G's blobs whose colour is neither stain: G has not learnt the classes' colours"),
     (r"^latent counterfactual validity$", HIGHER, "share of StyleGAN2 latent counterfactuals f assigns to the target"),
     (r"^latent counterfactual L1 to the projection$", LOWER, "size of the latent counterfactual's edit"),
     (r"^latent counterfactuals changing a causal factor$", HIGHER,
@@ -47,7 +53,7 @@ MAX_ROWS = 12
 def describe(name: str) -> tuple[str, str] | None:
     """(direction, meaning) of a metric the guide knows, else None."""
     for pattern, direction, meaning in GUIDE:
-        if re.match(pattern, name):
+        if re.search(pattern, name):
             return direction, meaning
     return None
 
@@ -58,7 +64,7 @@ def headline_rows(metrics: Mapping[str, Any], max_rows: int = MAX_ROWS) -> list[
     rows = []
     for pattern, direction, meaning in GUIDE:
         for name, value in metrics.items():
-            if not re.match(pattern, name):
+            if not re.search(pattern, name):
                 continue
             if isinstance(value, float) and math.isnan(value):
                 continue
