@@ -33,26 +33,24 @@ class Browser:
         if exe is None:
             raise RuntimeError("no chromium / chrome installed")
         self.timeout = timeout
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-        # above 4, so that dup2 onto 3 and 4 always makes a new (inheritable) descriptor
-        high_r, high_w = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        read_end, self._to_chrome = os.pipe()
+        self._from_chrome, write_end = os.pipe()
+        # above 9, so that moving them onto 3 and 4 cannot overwrite one with the other
+        to_chrome_r, from_chrome_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (read_end, write_end))
+        os.close(read_end)
+        os.close(write_end)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--remote-debugging-pipe",
+                "--no-first-run", "--disable-extensions",
+                f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}", "about:blank"]
+        # Chromium reads commands on fd 3 and answers on fd 4: bash moves the pipe ends there, so no
+        # Python runs between fork and exec (JAX's threads make that unsafe)
+        moves = f"3<&{to_chrome_r} 4>&{from_chrome_w} {to_chrome_r}<&- {from_chrome_w}>&-"
+        self.proc = subprocess.Popen([shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" {moves}', exe, *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     pass_fds=(to_chrome_r, from_chrome_w))
         os.close(to_chrome_r)
         os.close(from_chrome_w)
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
-
-        def fds():  # the child reads commands on fd 3 and writes answers on fd 4
-            os.dup2(high_r, 3)
-            os.dup2(high_w, 4)
-
-        self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--remote-debugging-pipe",
-             "--no-first-run", "--disable-extensions", "--allow-file-access-from-files",
-             f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=fds, close_fds=False)
-        os.close(high_r)
-        os.close(high_w)
         self._next_id, self._buffer, self.events = 0, b"", []
 
     def __enter__(self):

@@ -82,6 +82,7 @@ def test_api_answers_json_that_matches_the_models(app, workdir):
     x = jnp.asarray(image[None].astype(np.float32) / 127.5 - 1)
     probs = np.asarray(jax.nn.softmax(fn(x), -1))[0]
     assert answer["prediction"]["class"] == int(probs.argmax())
+    assert list(answer["prediction"]["probabilities"]) == ["pink", "purple"]  # in class order
     np.testing.assert_allclose(list(answer["prediction"]["probabilities"].values()), probs, rtol=1e-4, atol=1e-6)
     grad = np.asarray(attr.vanilla_gradient(fn, x, np.array([probs.argmax()]), reduce="abs_max"))
     bar = answer["attributions"]["gradient"]["colour_bar"]

@@ -150,6 +150,7 @@ def create_app(explainer, examples: np.ndarray, labels=None, *, max_upload_bytes
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_bytes)
+    app.json.sort_keys = False  # keep the answer's order: classes by index, methods as asked
     info = dict(explainer.info(), max_upload_bytes=int(max_upload_bytes))
 
     def error(status: int, message: str):
