@@ -175,6 +175,7 @@ def test_the_page_in_headless_chromium(app):
             page.eval("""(() => { const f = new FormData(); f.append('image', new Blob(['not a picture']), 'x.png');
                                   return explain(f); })()""")
             assert "not an image" in page.eval("document.getElementById('error').textContent")
+            assert page.eval("document.getElementById('result').hidden")
             page.screenshot(shots / "serve_bad_upload.png", full_page=False)
     finally:
         server.shutdown()

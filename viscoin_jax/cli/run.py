@@ -138,6 +138,10 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
             summary["headline"] = headline(summary["explain"])
             log.info("%s: done in %s", progress.label(), format_seconds(progress.end()))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    if summary.get("explain"):  # again, now with what `results` reads from the finished run
+        from .results import collect, readings
+
+        write_index(workdir / "report", summary["explain"], notes=readings(collect(workdir)))
     log.info("pipeline finished: %s", workdir / "summary.json")
     return summary
 
@@ -187,9 +191,10 @@ def run_explanations(config: Any, workdir: Path) -> dict:
     return out
 
 
-def write_index(report_dir: Path, reports: dict) -> Path:
+def write_index(report_dir: Path, reports: dict, notes=()) -> Path:
     """report/index.html: a summary (each stage's headline numbers with their direction and meaning,
-    thumbnails of its key figures, a link to its report), then every stage's full metrics."""
+    `notes` such as the Reading paragraphs of `viscoin-jax results`, thumbnails of each stage's key
+    figures, a link to its report), then every stage's full metrics."""
     import numpy as np
     from PIL import Image
 
@@ -213,7 +218,7 @@ def write_index(report_dir: Path, reports: dict) -> Path:
             thumbs.append((f"{stage}: {png.stem.replace('_', ' ')}", np.asarray(Image.open(png).convert("RGB")), rel))
     index.set_summary(f"Explanations of the pipeline's trained stages ({', '.join(reports)}); each report opens "
                       "offline from this folder. The numbers below lead each report; the full tables follow.",
-                      rows, links=links, thumbnails=thumbs)
+                      rows, notes=list(notes), links=links, thumbnails=thumbs)
     for stage, item in reports.items():
         index.add_metrics(item["metrics"], title=f"{stage}: all metrics")
     return index.write(report_dir, name="index.html")

@@ -214,7 +214,7 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
     if "iresnet_counterfactual" in methods:
         summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant))
-    report.add_metrics(summary, title="Summary")
+    report.add_metrics(summary, title="Classifier metrics")
     return summary
 
 

@@ -116,7 +116,8 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
         train_rel = concept_ops.concept_relevance(train_phi, fns.head_weight, train_pred)
         class_rel, counts = (np.asarray(a) for a in concepts_lib.class_relevance(
             train_rel, train_pred, int(fns.head_weight.shape[1])))
-        report.add_table([[c, int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]] for c in range(len(counts))],
+        report.add_table([[class_label(names, c), int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]]
+                          for c in range(len(counts))],
                          ["class (g)", "images"] + [f"c{j}" for j in range(class_rel.shape[1])],
                          title=f"Class-level concept relevance (mean over {len(train_x)} training images)")
         top = concepts_lib.top_activating_images(fns.concepts_fn, _batches(train_x, 64), settings.top_images)
