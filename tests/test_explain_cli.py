@@ -64,13 +64,15 @@ def test_explain_in_a_new_process_writes_report_and_arrays(checkpoint, tmp_path)
     key = np.asarray(Image.open(out / "key_images" / "attribution_maps.png"))
     assert key.shape == (32, 3 * 32, 3)  # the original, then gradient and Grad-CAM over it
     logged = [_event_pngs(f, "explain/attribution_maps") for f in checkpoint.glob("events.out.tfevents.*")]
-    logged = [png for pngs in logged for png in pngs]
-    assert logged and np.array_equal(np.asarray(Image.open(io.BytesIO(logged[-1]))), key)
+    logged = [item for items in logged for item in items]
+    assert logged and np.array_equal(np.asarray(Image.open(io.BytesIO(logged[-1][1]))), key)
+    assert logged[-1][0] == 2  # at the step of the checkpoint explained
 
 
-def _event_pngs(path, tag: str) -> list[bytes]:
-    """The PNGs logged under `tag` in a TensorBoard event file, read from its records (length, crc,
-    record, crc) without TensorFlow: each image's encoded PNG follows its tag."""
+def _event_pngs(path, tag: str) -> list[tuple[int, bytes]]:
+    """(step, PNG) of the images logged under `tag` in a TensorBoard event file, read from its records
+    (length, crc, record, crc) without TensorFlow: an Event is wall_time (field 1, 8 bytes), then its
+    step (field 2, a varint); each image's encoded PNG follows its tag."""
     data, out, pos = path.read_bytes(), [], 0
     while pos + 12 <= len(data):
         (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -78,8 +80,15 @@ def _event_pngs(path, tag: str) -> list[bytes]:
         pos += 12 + length + 4
         at = record.find(tag.encode())
         if at >= 0 and b"\x89PNG" in record[at:]:
+            assert record[0] == 0x09 and record[9] == 0x10, "an Event starting with wall_time, then step"
+            step, shift, i = 0, 0, 10
+            while True:
+                step |= (record[i] & 0x7F) << shift
+                shift, i = shift + 7, i + 1
+                if record[i - 1] < 0x80:
+                    break
             start = record.index(b"\x89PNG", at)
-            out.append(record[start:record.index(b"IEND", start) + 8])
+            out.append((step, record[start:record.index(b"IEND", start) + 8]))
     return out
 
 

@@ -120,6 +120,17 @@ def run_dir(checkpoint: str) -> Path:
     return path.parent if path.name == "checkpoints" else path
 
 
+def _latest_step(run: Path) -> int:
+    """The step of the run's newest checkpoint (the step the explanations' TensorBoard images carry)."""
+    from ..training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
+
+    checkpointer = Checkpointer(run / CHECKPOINT_SUBDIR, read_only=True)
+    try:
+        return int(checkpointer.latest_step() or 0)
+    finally:
+        checkpointer.close()
+
+
 def log_key_images(report, out_dir: Path, logdir: Path, step: int) -> dict[str, Path]:
     """Writes the report's key figures as OUT/key_images/<name>.png (the pipeline index shows them) and
     as TensorBoard images `explain/<name>` in the run's event files (skipped, with a warning, where
@@ -182,7 +193,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
 
     out_dir = Path(out)
     registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded
-    task, state, config, metadata = restore_task_state(checkpoint)
+    task, state, config, _ = restore_task_state(checkpoint)
     if config.trainer not in ("classifier", "viscoin"):
         raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
                          "a viscoin checkpoint")
@@ -232,8 +243,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     report.add_metrics(summary, title="All metrics")
     (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))
-    step = int(metadata.get("step", 0)) if isinstance(metadata, dict) else 0
-    log_key_images(report, out_dir, run_dir(checkpoint), step)
+    log_key_images(report, out_dir, run_dir(checkpoint), _latest_step(run_dir(checkpoint)))
     report.set_summary(_summary_text(checkpoint, config, images, data, methods), headline_rows(summary),
                        links=[("contents", "#contents"), ("all metrics", f"#{report.last_block_id}"),
                               ("metrics.json", "metrics.json")],

@@ -51,6 +51,8 @@ class LiveExplainer:
         self._lock = threading.Lock()  # one request at a time on the device
         f, feats = classifier.functions_of(classifier.params)
         self._probs = jax.jit(lambda x: jax.nn.softmax(f(x), -1))
+        self.num_classes = int(jax.eval_shape(self._probs, jax.ShapeDtypeStruct(
+            (1, self.resolution, self.resolution, 3), jnp.float32)).shape[-1])
         self._maps = {m: jax.jit(functools.partial(lambda name, x, t: attribution_map(name, f, feats, x, t), m))
                       for m in self.methods}
         self._concepts = self._series = None
@@ -109,14 +111,9 @@ class LiveExplainer:
     # -- requests -----------------------------------------------------------------------------------
     def info(self) -> dict:
         return {"resolution": self.resolution, "classes": [class_label(self.class_names, c)
-                                                            for c in range(self._num_classes())],
+                                                            for c in range(self.num_classes)],
                 "methods": list(self.methods), "concepts": self._concepts is not None,
                 "counterfactual_series": self._series is not None, "lambdas": list(self.lambdas)}
-
-    def _num_classes(self) -> int:
-        if not hasattr(self, "_classes"):
-            self._classes = int(self._probs(jnp.zeros((1, self.resolution, self.resolution, 3))).shape[-1])
-        return self._classes
 
     def warm(self) -> None:
         """Compiles every function (a request then runs without compiling)."""
