@@ -263,3 +263,22 @@ def test_report_in_headless_chromium(tmp_path):
                   " r.click(); })()")
         assert set(page.eval(visible)) == {"integrated_gradients"}
         page.screenshot(shots / "report_unit_method_switch.png")
+
+
+def test_headline_rows_pick_known_metrics_with_their_direction():
+    """The summary's rows: known metrics in the guide's order with their direction, NaN left out,
+    unknown names left to the full table."""
+    from viscoin_jax.explain.headline import GUIDE, describe, headline_rows
+
+    metrics = {"unknown thing": 1.0, "CC mean": 0.8, "gradient deletion AUC": 0.3, "accuracy on these images": 0.9,
+               "random attribution deletion AUC": 0.6, "FF median (tau 0.2)": float("nan"),
+               "top concepts changing only causal factors": 0.25}
+    rows = headline_rows(metrics)
+    names = [r["name"] for r in rows]
+    assert names == ["accuracy on these images", "gradient deletion AUC", "random attribution deletion AUC",
+                     "CC mean", "top concepts changing only causal factors"]
+    direction = {r["name"]: r["direction"] for r in rows}
+    assert direction["gradient deletion AUC"] == "lower is better" and direction["CC mean"] == "higher is better"
+    assert direction["random attribution deletion AUC"] == ""  # the chance level has no better side
+    assert describe("unknown thing") is None and len(headline_rows(metrics, max_rows=2)) == 2
+    assert all(r["meaning"] for r in rows) and len(GUIDE) >= 15
