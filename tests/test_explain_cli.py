@@ -1,14 +1,19 @@
 """`viscoin-jax explain` from a classifier checkpoint, in a new process; bad input fails clearly."""
 
 import html.parser
+import io
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+from browser import check_report_page, chromium
 from viscoin_jax.cli import explain as explain_run
 from viscoin_jax.explain.classifier_report import cascade_layers, explain_classifier
 from viscoin_jax.trainers.classifier import explanation_bundle
@@ -48,10 +53,43 @@ def test_explain_in_a_new_process_writes_report_and_arrays(checkpoint, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     parser = _Images()
-    parser.feed((out / "report.html").read_text())
-    assert parser.count == 3 * 3  # inputs + two heat-map grids
+    html = (out / "report.html").read_text()
+    parser.feed(html)
+    # the summary's thumbnail, the inputs, and per image the original beside each method's map
+    assert parser.count == 1 + 3 + 3 * 3
+    assert "higher is better" in html and "pink" in html and "purple" in html  # directions and class names
     with np.load(out / "grad_cam.npz") as arrays:
         assert arrays["maps"].shape == (3, 32, 32) and np.all(arrays["maps"] >= 0)  # ReLU'd CAM
+    # the key figure is a file of the report's folder and an image in the run's TensorBoard event files
+    key = np.asarray(Image.open(out / "key_images" / "attribution_maps.png"))
+    assert key.shape == (32, 3 * 32, 3)  # the original, then gradient and Grad-CAM over it
+    logged = [_event_pngs(f, "explain/attribution_maps") for f in checkpoint.glob("events.out.tfevents.*")]
+    logged = [item for items in logged for item in items]
+    assert logged and np.array_equal(np.asarray(Image.open(io.BytesIO(logged[-1][1]))), key)
+    assert logged[-1][0] == 2  # at the step of the checkpoint explained
+
+
+def _event_pngs(path, tag: str) -> list[tuple[int, bytes]]:
+    """(step, PNG) of the images logged under `tag` in a TensorBoard event file, read from its records
+    (length, crc, record, crc) without TensorFlow: an Event is wall_time (field 1, 8 bytes), then its
+    step (field 2, a varint); each image's encoded PNG follows its tag."""
+    data, out, pos = path.read_bytes(), [], 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        record = data[pos + 12:pos + 12 + length]
+        pos += 12 + length + 4
+        at = record.find(tag.encode())
+        if at >= 0 and b"\x89PNG" in record[at:]:
+            assert record[0] == 0x09 and record[9] == 0x10, "an Event starting with wall_time, then step"
+            step, shift, i = 0, 0, 10
+            while True:
+                step |= (record[i] & 0x7F) << shift
+                shift, i = shift + 7, i + 1
+                if record[i - 1] < 0x80:
+                    break
+            start = record.index(b"\x89PNG", at)
+            out.append((step, record[start:record.index(b"IEND", start) + 8]))
+    return out
 
 
 def test_explain_maps_equal_the_library_functions(checkpoint, tmp_path):
@@ -115,7 +153,8 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     layers = cascade_layers("resnet", state["params"])
     assert layers == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
     bundle = explanation_bundle(task, state)
-    summary = explain_classifier(bundle, data, ["gradient", "sanity_check", "deletion_insertion"], Report("t"), tmp_path)
+    report = Report("t")
+    summary = explain_classifier(bundle, data, ["gradient", "sanity_check", "deletion_insertion"], report, tmp_path)
     fn = bundle.classifier_fn
     x = data["images"]
     pred = np.asarray(fn(x)).argmax(-1)
@@ -143,6 +182,13 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     assert summary["best attribution deletion AUC minus random"] == pytest.approx(
         summary["gradient deletion AUC"] - summary["random attribution deletion AUC"])
     json.dumps(summary)  # every value is JSON-serialisable
+    # the curves: deletion and insertion plots, each with the method's mean curve and the dashed random one
+    html = report.to_html()
+    assert html.count("<polyline") == 4 and html.count("stroke-dasharray") >= 2 + 2  # lines and legend
+    if chromium() is not None:
+        seen = check_report_page(report.write(tmp_path), Path(os.environ.get("VISCOIN_SHOTS", "/tmp/shots")) /
+                                 "classifier_report.png")
+        assert seen["images"] >= 3 + 3 * 2
 
 
 def test_a_setting_reaches_the_method_and_bad_ones_fail_before_loading(checkpoint, tmp_path):

@@ -2,6 +2,8 @@
 classifier checkpoint with a separate generator; values checked against direct numpy computations."""
 
 import json
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from viscoin_jax.explain.latent_report import LatentSettings, counterfactual_ind
 from viscoin_jax.explain.viscoin_report import ConceptSettings
 from viscoin_jax.trainers import viscoin
 
+from browser import check_report_page, chromium
 from viscoin_fixtures import make_frozen_runs, make_viscoin_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is empty")
@@ -53,6 +56,13 @@ def test_relevance_and_drawings_match_direct_computation(runs, viscoin_report):
     np.testing.assert_allclose(drawings[:, 0, lambdas.index(1.0)], recon, atol=1e-4)
     assert drawings.shape[:3] == (3, 2, 4)
     assert np.abs(drawings[:, 0, lambdas.index(0.0)] - recon).max() > 0  # removing a concept changes x~
+    # the grid's caption under each drawing: f's probability of g's class (named) for that drawing
+    f = viscoin.viscoin_apply(task, state).classifier_fn
+    p = np.asarray(jax.nn.softmax(f(drawings[0, 0]), -1))[:, pred[0]]
+    name = ("pink", "purple")[pred[0]]
+    html = (viscoin_report / "report.html").read_text()
+    for lam, value in zip(lambdas, p):
+        assert f"lambda {lam:g}: f p({name}) {value:.2f}" in html
 
 
 def test_metrics_and_arrays_are_consistent(viscoin_report):
@@ -87,9 +97,21 @@ def test_metrics_and_arrays_are_consistent(viscoin_report):
                                                                     "colour ambiguous"))
     assert outcomes + metrics["top concepts whose removal changes a causal factor"] <= 1.0 + 1e-9
     html = (viscoin_report / "report.html").read_text()
-    for heading in ("VisCoIN reconstructions", "Class-level concept relevance", "training images that activate",
-                    "Faithfulness FF", "Consistency CC_k", "Projections into W+", "interpolation to its counterfactual"):
-        assert heading in html
+    for heading in ("VisCoIN reconstructions", "Class-level concept relevance", "most activating training images",
+                    "Faithfulness FF", "Consistency CC_k", "Projections into W+",
+                    "Interpolation from each projection to its counterfactual", "Counterfactual series along the",
+                    "Image 0 (g: ", "Contents", "Summary"):
+        assert heading in html, heading
+    # one concept grid per drawn image (2), one slider per concept row (2 each), per latent series, per path
+    assert html.count('class="block frame_rows"') >= 2 + 2 and html.count('type="range"') >= 2 * 2 + 3 + 3
+
+
+@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_viscoin_report_in_headless_chromium(viscoin_report):
+    """The whole report in a real browser: every image loads, every lambda / t / a slider shows its frame."""
+    seen = check_report_page(viscoin_report / "report.html",
+                             Path(os.environ.get("VISCOIN_SHOTS", "/tmp/shots")) / "viscoin_report.png")
+    assert seen["sliders"] >= 2 * 2 + 3 + 3 and seen["images"] > 50
 
 
 def test_counterfactual_index_matches_a_loop():

@@ -2,14 +2,19 @@
 steps per stage), then `explain` and `results` from its checkpoints in new processes, and a second
 `run` that skips every finished stage."""
 
+import base64
+import html as html_lib
 import html.parser
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from viscoin_jax.cli import run as pipeline
 from viscoin_jax.training.config import load_config
@@ -57,7 +62,9 @@ def test_every_stage_leaves_a_checkpoint_and_the_reports_exist(demo):
     assert summary["stylegan2"]["metrics"]["fid"] == json.loads((workdir / "stylegan2" / "fid.json").read_text())["fid"]
     index = _Images()
     index.feed((workdir / "report" / "index.html").read_text())
-    assert sorted(index.links) == [f"{s}/report.html" for s in ("classifier", "iresnet", "viscoin")]
+    assert {link for link in index.links if not link.startswith("#")} == {
+        f"{s}/report.html" for s in ("classifier", "iresnet", "viscoin")}
+    assert index.images >= 3  # a thumbnail of each report's key figures
     for stage in ("classifier", "iresnet", "viscoin"):
         page = _Images()
         page.feed((workdir / "report" / stage / "report.html").read_text())
@@ -123,3 +130,32 @@ def test_a_second_run_skips_finished_stages(demo, caplog):
     pipeline.run_pipeline(config, workdir)
     skipped = [r.getMessage() for r in caplog.records if "complete, skipped" in r.getMessage()]
     assert len(skipped) == len(STAGES)
+
+
+def test_index_leads_with_the_headline_numbers_readings_and_thumbnails(tmp_path):
+    """write_index on made-up stage reports: HEADLINE's numbers with their direction, the notes, one
+    thumbnail per key image (pixels as saved) linking to its stage's report, the full metrics below."""
+    rng = np.random.default_rng(0)
+    reports, keys = {}, {}
+    for stage, metrics in (("classifier", {"best attribution deletion AUC": 0.31, "random attribution deletion AUC": 0.9,
+                                           "accuracy on these images": 0.75}),
+                           ("viscoin", {"FF median (tau 0.1)": 0.12, "unlisted number": 3.0})):
+        folder = tmp_path / "report" / stage
+        (folder / "key_images").mkdir(parents=True)
+        keys[stage] = rng.integers(0, 256, (12, 30, 3), dtype=np.uint8)
+        Image.fromarray(keys[stage]).save(folder / "key_images" / "maps.png")
+        reports[stage] = {"report": str(folder / "report.html"), "metrics": metrics}
+    path = pipeline.write_index(tmp_path / "report", reports, notes=["FF is near zero: G's \"colours\" < stains."])
+    text = path.read_text()
+    page = _Images()
+    page.feed(text)
+    assert page.images == 2 and {"classifier/report.html", "viscoin/report.html"} <= set(page.links)
+    assert "FF is near zero: G's \"colours\" < stains." in html_lib.unescape(text)
+    assert "VisCoIN FF median, tau 0.1" in text and "best attribution deletion AUC" in text
+    row = text[text.index("best attribution deletion AUC"):]
+    assert row.index("lower is better") < row.index("</tr>")  # its direction, in its own row
+    assert "unlisted number" in text  # in the full metrics table
+    srcs = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB")) for s in srcs]
+    assert any(np.array_equal(d, keys["classifier"]) for d in decoded)
+    assert any(np.array_equal(d, keys["viscoin"]) for d in decoded)

@@ -119,6 +119,9 @@ def _check_contents(installed):
     sources |= {f"viscoin_jax/{folder}/{p.relative_to(REPO / folder)}" for folder in ("kernels", "configs")
                 for p in (REPO / folder).rglob("*.py")}
     assert sources - set(names) == set()
+    # the report's and the web app's templates (package data: a report written from the wheel needs them)
+    templates = {str(p.relative_to(REPO)) for p in (REPO / "viscoin_jax").rglob("templates/*") if p.is_file()}
+    assert len(templates) >= 4 and templates - set(names) == set()
     assert {f"viscoin_jax/configs/{n}.py" for n in CONFIG_NAMES} <= set(names)
     top = {n.split("/")[0] for n in names}
     assert top == {"viscoin_jax", installed["wheel"].name.split("-py3")[0] + ".dist-info"}, top

@@ -67,3 +67,14 @@ def make_viscoin_run(root: Path, clf: Path, sg2: Path, seed: int = 0) -> Path:
     state = compile_task(task, _one_device_mesh()).init(jax.random.key_data(jax.random.key(seed)))
     _save(config, task, state, root / "viscoin")
     return root / "viscoin"
+
+
+def make_iresnet_run(workdir: Path, seed: int = 1) -> Path:
+    """An untrained small i-ResNet classifier run (12 channels, one block per stage) at `workdir`."""
+    config = load_config("configs/classifier_synthetic.py:iresnet", [
+        "--config.model.channels=12", "--config.model.blocks_per_stage=(1, 1)",
+        "--config.checkpoint.async_save=False", "--config.data.synthetic_size=64"])
+    task = classifier.make_task(config)
+    _save(config, task, compile_task(task, _one_device_mesh()).init(jax.random.key_data(jax.random.key(seed))),
+          workdir)
+    return workdir

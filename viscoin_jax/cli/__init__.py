@@ -20,10 +20,11 @@ COMMANDS = {
     "run": "viscoin_jax.cli.run",
     "convert": "viscoin_jax.convert.cli",
     "results": "viscoin_jax.cli.results",
+    "serve": "viscoin_jax.cli.serve",
     "bench-stylegan2": "viscoin_jax.benchmarks.bench_step",
 }
 # sub-commands that keep JAX's persistent compilation cache (see viscoin_jax.compilation_cache)
-CACHED_COMMANDS = ("train", "explain", "run")
+CACHED_COMMANDS = ("train", "explain", "run", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def load_images(spec: str, resolution: int, count: int | None = None) -> dict[st
         images = np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1.0
         labels = np.asarray([it["label"] for it in items], np.int32)
         factors = {k: np.asarray([it["factors"][k] for it in items]) for k in items[0]["factors"]}
-        return {"images": images, "labels": labels, "factors": factors}
+        return {"images": images, "labels": labels, "factors": factors, "class_names": source.class_names}
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--images {spec}: no such file or folder (or use synthetic/<variant>:<split>)")
@@ -101,6 +101,67 @@ def load_images(spec: str, resolution: int, count: int | None = None) -> dict[st
     return {"images": images.astype(np.float32), "labels": labels, "factors": None}
 
 
+def class_names_of(config) -> tuple[str, ...] | None:
+    """The run's class names, from its data source (None where the source names none or cannot be
+    opened here, e.g. a TFDS set not downloaded: the report then says "class 3")."""
+    from ..data.pipeline import make_source
+
+    try:
+        names = getattr(make_source(config.data, split="test"), "class_names", None)
+    except (ValueError, OSError, ImportError) as e:
+        log.info("no class names: %s", e)
+        return None
+    return tuple(str(n) for n in names) if names else None
+
+
+def run_dir(checkpoint: str) -> Path:
+    """The run's workdir (where its TensorBoard event files are) from --checkpoint (workdir or its checkpoints/)."""
+    path = Path(checkpoint)
+    return path.parent if path.name == "checkpoints" else path
+
+
+def _latest_step(run: Path) -> int:
+    """The step of the run's newest checkpoint (the step the explanations' TensorBoard images carry)."""
+    from ..training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
+
+    checkpointer = Checkpointer(run / CHECKPOINT_SUBDIR, read_only=True)
+    try:
+        return int(checkpointer.latest_step() or 0)
+    finally:
+        checkpointer.close()
+
+
+def log_key_images(report, out_dir: Path, logdir: Path, step: int) -> dict[str, Path]:
+    """Writes the report's key figures as OUT/key_images/<name>.png (the pipeline index shows them) and
+    as TensorBoard images `explain/<name>` in the run's event files (skipped, with a warning, where
+    the run's folder is not writable)."""
+    from PIL import Image as PILImage
+
+    from ..training.monitor import MetricWriter
+
+    files = {}
+    if not report.key_images:
+        return files
+    folder = out_dir / "key_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in report.key_images.items():
+        files[name] = folder / f"{name.replace('/', '_')}.png"
+        PILImage.fromarray(image).save(files[name])
+    try:
+        writer = MetricWriter(logdir)
+    except OSError as e:
+        log.warning("explanations not logged to TensorBoard: %s", e)
+        return files
+    writer.write_images(step, {f"explain/{name}": image for name, image in report.key_images.items()})
+    writer.close()
+    return files
+
+
+def _summary_text(checkpoint, config, images, data, methods) -> str:
+    names = data.get("class_names")
+    classes = f" (classes: {', '.join(names)})" if names else ""
+    return (f"{len(data['images'])} images from {images}{classes}, explained with the {config.trainer} run "
+            f"{checkpoint} (model {config.model.get('name', config.trainer)}); methods: {', '.join(methods)}.")
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -123,6 +184,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     `settings`: METHOD.KEY=VALUE overrides of the method registry's default settings.
     """
     from ..explain.classifier_report import explain_classifier
+    from ..explain.headline import headline_rows
     from ..explain.latent_report import LatentSettings, explain_latent
     from ..explain.report import Report
     from ..explain.viscoin_report import ConceptSettings, explain_viscoin
@@ -134,7 +196,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     out_dir = Path(out)
     registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded
     method_settings = registry.resolve_settings(settings)  # so do bad --setting values
-    task, state, config, metadata = restore_task_state(checkpoint)
+    task, state, config, _ = restore_task_state(checkpoint)
     if config.trainer not in ("classifier", "viscoin"):
         raise ValueError(f"{checkpoint} holds a {config.trainer!r} run; explain takes a classifier or "
                          "a viscoin checkpoint")
@@ -150,6 +212,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
         data = {"images": x, "labels": np.asarray(y, np.int32), "factors": None}
     else:
         data = load_images(images, resolution, count)
+    if data.get("class_names") is None:
+        data["class_names"] = class_names_of(config)
     variant = _variant(images)
     report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
     report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
@@ -183,6 +247,12 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     report.add_metrics(summary, title="All metrics")
     (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))
+    log_key_images(report, out_dir, run_dir(checkpoint), _latest_step(run_dir(checkpoint)))
+    report.set_summary(_summary_text(checkpoint, config, images, data, methods), headline_rows(summary),
+                       links=[("contents", "#contents"), ("all metrics", f"#{report.last_block_id}"),
+                              ("metrics.json", "metrics.json")],
+                       thumbnails=[(name, image, f"#{report.key_anchors[name]}")
+                                   for name, image in report.key_images.items()])
     path = report.write(out_dir)
     print(f"report: {path}")
     return path

@@ -82,6 +82,63 @@ def _what_g_draws(em: dict[str, Any]) -> str:
     return text + "."
 
 
+def readings(data: dict[str, Any]) -> list[str]:
+    """The "Reading" paragraphs: what the run's numbers say about the run (why FF is low, what G draws,
+    what the counterfactuals change), as plain text; results.md and the report index show them."""
+    st, ex = data["stages"], data["explain"]
+    sg2, vm, em = st.get("stylegan2", {}), st.get("viscoin", {}).get("metrics", {}), ex.get("viscoin", {})
+    notes: list[str] = []
+    found = em.get("reconstructions with a measurable blob")
+    if found is not None and found < 0.5:
+        notes += ["In this run G rarely draws a measurable blob (see the sample grid), so VisCoIN's "
+                  "reconstructions, which go through G, do not carry the stain colour: concept removal cannot "
+                  "change it, and FF stays near zero. The classifier side (f, g's fidelity, the i-ResNet) does "
+                  f"not depend on G. This run trained G for {sg2.get('steps')} steps; the VisCoIN numbers should be "
+                  "read from a pipeline whose G draws blobs (train the StyleGAN2 stage longer)."]
+    ff_low = vm.get("faithfulness", {}).get("0.1", 1.0) < 0.05
+    if ff_low and not (found is not None and found < 0.5):
+        between = em.get("G samples whose blob colour is in between the stains")
+        rarer = em.get("G samples f assigns to the rarer class")
+        causal = em.get("top concepts whose removal changes a causal factor")
+        if between is not None and between <= 0.2 and rarer is not None and rarer >= 0.3:
+            why = (f"G is not the limit here: it draws both stains (in between in {_fmt(between)} of its samples, "
+                   f"the rarer class in {_fmt(rarer)}), yet removing each image's most relevant concept changed "
+                   f"the colour in {_fmt(causal)} of them: the translator also reads the colour from the other "
+                   "concepts, so taking one away leaves it (the concepts are not yet disentangled after "
+                   f"{vm.get('step')} VisCoIN steps).")
+        elif between is not None and between > 0.5:
+            why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
+                   "samples (never so in the training images): it has learnt where and how large blobs are, not "
+                   "yet the two stain colours, so no edit of its latents can show the colour change "
+                   "(docs/performance.md: \"When does the tiny G learn the two stain colours?\").")
+        else:
+            why = "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change."
+        notes += ["FF is near zero: removing concepts barely moves f's prediction on the "
+                  "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
+                  f"into G's images. g's fidelity does not need G; FF does. {why} This run trained G for "
+                  f"{sg2.get('steps')} steps."]
+    top_only = em.get("top concepts changing only causal factors")
+    if not ff_low and top_only is not None and top_only < 0.5:
+        notes += [f"FF is {_fmt(vm.get('faithfulness', {}).get('0.1'))} at tau 0.1: removing the relevant "
+                  "concepts moves f's prediction on the reconstructions, so the stain colour passes through the "
+                  "concepts into G's images. Removing only the top concept changed the colour in "
+                  f"{_fmt(em.get('top concepts whose removal changes a causal factor'))} of the images, left it "
+                  f"between the stains in {_fmt(em.get('top concepts removed: colour ambiguous'))} and changed a "
+                  f"nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}: a "
+                  "concept is a 3 x 3 map of where its stain is, so zeroing it also takes away where and how large "
+                  "the blob is, and with one concept per stain an image without its stain's concept has no colour "
+                  "concept left (not pink is not yet purple)."]
+    latent_only = em.get("latent counterfactuals changing only causal factors")
+    if latent_only is not None and latent_only < 0.5:
+        notes += ["The latent counterfactuals reach f's confidence, yet change only the colour in "
+                  f"{_fmt(latent_only)} of the images: f is sure of the new class while the blob's colour is still "
+                  f"between the stains in {_fmt(em.get('latent counterfactuals: colour ambiguous'))} of them (its "
+                  "boundary lies in a colour range no training image shows), and the direction, fitted on G's samples, "
+                  f"also moves a nuisance factor (mostly the blob's size) in "
+                  f"{_fmt(em.get('latent counterfactuals changing a nuisance factor'))}: this G ties size to colour."]
+    return notes
+
+
 def render(data: dict[str, Any], workdir: str) -> str:
     st, ex = data["stages"], data["explain"]
     clf, ires, sg2, vis = (st.get(k, {}) for k in ("classifier", "iresnet", "stylegan2", "viscoin"))
@@ -168,54 +225,7 @@ def render(data: dict[str, Any], workdir: str) -> str:
                    em.get("latent counterfactuals changing only causal factors"),
                    em.get("latent counterfactuals: blob removed"), em.get("latent counterfactuals: colour ambiguous")],
               ]), ""]
-    found = em.get("reconstructions with a measurable blob")
-    if found is not None and found < 0.5:
-        parts += ["**Reading.** In this run G rarely draws a measurable blob (see the sample grid), so VisCoIN's "
-                  "reconstructions, which go through G, do not carry the stain colour: concept removal cannot "
-                  "change it, and FF stays near zero. The classifier side (f, g's fidelity, the i-ResNet) does "
-                  f"not depend on G. This run trained G for {sg2.get('steps')} steps; the VisCoIN numbers should be "
-                  "read from a pipeline whose G draws blobs (train the StyleGAN2 stage longer).", ""]
-    ff_low = vm.get("faithfulness", {}).get("0.1", 1.0) < 0.05
-    if ff_low and not (found is not None and found < 0.5):
-        between = em.get("G samples whose blob colour is in between the stains")
-        rarer = em.get("G samples f assigns to the rarer class")
-        causal = em.get("top concepts whose removal changes a causal factor")
-        if between is not None and between <= 0.2 and rarer is not None and rarer >= 0.3:
-            why = (f"G is not the limit here: it draws both stains (in between in {_fmt(between)} of its samples, "
-                   f"the rarer class in {_fmt(rarer)}), yet removing each image's most relevant concept changed "
-                   f"the colour in {_fmt(causal)} of them: the translator also reads the colour from the other "
-                   "concepts, so taking one away leaves it (the concepts are not yet disentangled after "
-                   f"{vm.get('step')} VisCoIN steps).")
-        elif between is not None and between > 0.5:
-            why = (f"G draws a blob whose colour is neither stain but in between in {_fmt(between)} of its random "
-                   "samples (never so in the training images): it has learnt where and how large blobs are, not "
-                   "yet the two stain colours, so no edit of its latents can show the colour change "
-                   "(docs/performance.md: \"When does the tiny G learn the two stain colours?\").")
-        else:
-            why = "Look at the sample grid: a G that draws blobs of mostly one colour cannot show the colour change."
-        parts += ["**Reading.** FF is near zero: removing concepts barely moves f's prediction on the "
-                  "reconstructions, so the class evidence (the stain colour) does not pass through the concepts "
-                  f"into G's images. g's fidelity does not need G; FF does. {why} This run trained G for "
-                  f"{sg2.get('steps')} steps.", ""]
-    top_only = em.get("top concepts changing only causal factors")
-    if not ff_low and top_only is not None and top_only < 0.5:
-        parts += [f"**Reading.** FF is {_fmt(vm.get('faithfulness', {}).get('0.1'))} at tau 0.1: removing the relevant "
-                  "concepts moves f's prediction on the reconstructions, so the stain colour passes through the "
-                  "concepts into G's images. Removing only the top concept changed the colour in "
-                  f"{_fmt(em.get('top concepts whose removal changes a causal factor'))} of the images, left it "
-                  f"between the stains in {_fmt(em.get('top concepts removed: colour ambiguous'))} and changed a "
-                  f"nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}: a "
-                  "concept is a 3 x 3 map of where its stain is, so zeroing it also takes away where and how large "
-                  "the blob is, and with one concept per stain an image without its stain's concept has no colour "
-                  "concept left (not pink is not yet purple).", ""]
-    latent_only = em.get("latent counterfactuals changing only causal factors")
-    if latent_only is not None and latent_only < 0.5:
-        parts += ["**Reading.** The latent counterfactuals reach f's confidence, yet change only the colour in "
-                  f"{_fmt(latent_only)} of the images: f is sure of the new class while the blob's colour is still "
-                  f"between the stains in {_fmt(em.get('latent counterfactuals: colour ambiguous'))} of them (its "
-                  "boundary lies in a colour range no training image shows), and the direction, fitted on G's samples, "
-                  f"also moves a nuisance factor (mostly the blob's size) in "
-                  f"{_fmt(em.get('latent counterfactuals changing a nuisance factor'))}: this G ties size to colour.", ""]
+    parts += [p for note in readings(data) for p in (f"**Reading.** {note}", "")]
     if em.get("projections with a measurable blob") is not None:
         parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "
                   "the latent counterfactuals start from.", ""]

@@ -138,6 +138,10 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
             summary["headline"] = headline(summary["explain"])
             log.info("%s: done in %s", progress.label(), format_seconds(progress.end()))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    if summary.get("explain"):  # again, now with what `results` reads from the finished run
+        from .results import collect, readings
+
+        write_index(workdir / "report", summary["explain"], notes=readings(collect(workdir)))
     log.info("pipeline finished: %s", workdir / "summary.json")
     return summary
 
@@ -187,15 +191,36 @@ def run_explanations(config: Any, workdir: Path) -> dict:
     return out
 
 
-def write_index(report_dir: Path, reports: dict) -> Path:
-    """report/index.html: a link to each stage's report and its headline metrics."""
+def write_index(report_dir: Path, reports: dict, notes=()) -> Path:
+    """report/index.html: a summary (each stage's headline numbers with their direction and meaning,
+    `notes` such as the Reading paragraphs of `viscoin-jax results`, thumbnails of each stage's key
+    figures, a link to its report), then every stage's full metrics."""
+    import numpy as np
+    from PIL import Image
+
+    from ..explain.headline import describe, headline_rows
     from ..explain.report import Report
 
     index = Report("viscoin-jax pipeline: explanations")
+    rows, links, thumbs = [], [], []
+    for name, (stage, key) in HEADLINE.items():
+        value = reports.get(stage, {}).get("metrics", {}).get(key)
+        if isinstance(value, (int, float)) and value == value:
+            direction, meaning = describe(key) or ("", "")
+            rows.append({"name": name, "value": value, "direction": direction, "meaning": meaning})
     for stage, item in reports.items():
-        rel = Path(item["report"]).relative_to(report_dir)
-        index.add_link(f"{stage}: report", rel.as_posix())
-        index.add_metrics(item["metrics"], title=f"{stage}: metrics")
+        rel = Path(item["report"]).relative_to(report_dir).as_posix()
+        links.append((f"{stage} report", rel))
+        known = {r["name"] for r in rows}
+        rows += [dict(r, name=f"{stage}: {r['name']}") for r in headline_rows(item["metrics"], max_rows=4)
+                 if f"{stage}: {r['name']}" not in known]
+        for png in sorted((Path(item["report"]).parent / "key_images").glob("*.png")):
+            thumbs.append((f"{stage}: {png.stem.replace('_', ' ')}", np.asarray(Image.open(png).convert("RGB")), rel))
+    index.set_summary(f"Explanations of the pipeline's trained stages ({', '.join(reports)}); each report opens "
+                      "offline from this folder. The numbers below lead each report; the full tables follow.",
+                      rows, notes=list(notes), links=links, thumbnails=thumbs)
+    for stage, item in reports.items():
+        index.add_metrics(item["metrics"], title=f"{stage}: all metrics")
     return index.write(report_dir, name="index.html")
 
 

@@ -24,12 +24,13 @@ from . import iresnet_counterfactual as icf
 from . import methods as registry
 from .bundles import ClassifierBundle
 from .factor_changes import measured_changes
-from .report import save_arrays
+from .report import class_label, save_arrays
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTION_METHODS = registry.names(registry.CLASSIFIER, attribution=True)
 CLASSIFIER_METHODS = registry.names(registry.CLASSIFIER)
+SIGNED_METHODS = ("integrated_gradients",)  # maps with a sign (shown on a diverging colormap)
 
 
 def attribution_map(name: str, classifier_fn, feats_fn, images, targets, *, key: int = 0,
@@ -126,12 +127,23 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
     must beat: an attribution no better than random ranks pixels no better than chance)."""
     fill = deletion_baseline(images, baseline)
     random_map = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.key(key), 11), images.shape[:3]))
-    rows = []
+    rows, curves, fractions = [], {"deletion": {}, "insertion": {}}, None
     for name, m in list(maps.items()) + [("random attribution", random_map)]:
-        auc = {mode: float(np.mean(np.asarray(attribution_metrics.deletion_insertion(
-            classifier_fn, images, m, pred, mode=mode, num_steps=16, baseline=fill).auc)))
-            for mode in ("deletion", "insertion")}
+        auc = {}
+        for mode in ("deletion", "insertion"):
+            result = attribution_metrics.deletion_insertion(classifier_fn, images, m, pred, mode=mode, num_steps=16,
+                                                            baseline=fill)
+            auc[mode] = float(np.mean(np.asarray(result.auc)))
+            curves[mode][name] = np.mean(np.asarray(result.scores), axis=0)
+            fractions = np.asarray(result.fractions)
         rows.append([name, auc["deletion"], auc["insertion"]])
+    report.add_curves("Deletion / insertion curves (mean over the images)", fractions,
+                      {"deletion: lower is better": curves["deletion"],
+                       "insertion: higher is better": curves["insertion"]},
+                      ylabel="p of the predicted class", baseline="random attribution",
+                      text="Deletion removes the most important pixels first (a good map makes p fall fast); "
+                           "insertion adds them first (p should rise fast). The dashed line is a random map: "
+                           "the chance level a method must beat.")
     report.add_table(rows, ["method", "deletion AUC (lower is better)", "insertion AUC (higher is better)"],
                      title=f"Deletion / insertion (RISE), most positive pixels first, replaced by {baseline} "
                            "(the image's background colour); the random row is the chance level")
@@ -154,9 +166,11 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
     logits = np.asarray(jax.jit(classifier_fn)(images))
     probs = np.asarray(jax.nn.softmax(logits, -1))
     pred = logits.argmax(-1)
-    captions = [f"pred {p} ({probs[i, p]:.2f})" + (f", label {data['labels'][i]}" if data["labels"] is not None
-                                                   else "") for i, p in enumerate(pred)]
-    report.add_image_grid("Inputs", data["images"], captions, cols=8)
+    names = data.get("class_names")
+    captions = [f"f: {class_label(names, p)} (p {probs[i, p]:.2f})" + (
+        f", label: {class_label(names, data['labels'][i])}" if data["labels"] is not None else "")
+        for i, p in enumerate(pred)]
+    report.add_image_grid("Inputs, f's prediction and the label", data["images"], captions, cols=8)
     summary = {}
     if data["labels"] is not None:
         summary["accuracy on these images"] = float(np.mean(pred == data["labels"]))
@@ -178,9 +192,11 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
             gap = attr.completeness_gap(classifier_fn, images, ig, pred)
             summary["integrated_gradients completeness gap (max |.|)"] = float(np.max(np.abs(np.asarray(gap))))
         save_arrays(out, name, maps=maps[name], images=data["images"], predictions=pred)
-        report.add_heatmaps(data["images"], maps[name], captions, title=f"{name} (target: predicted class)",
-                            cols=8, signed=(name == "integrated_gradients"))
         log.info("%s: %.1fs", name, time.perf_counter() - t0)
+    if maps:
+        report.add_attribution_maps(data["images"], maps, captions,
+                                    title="Attribution maps for f's predicted class (" + ", ".join(maps) + ")",
+                                    signed=[n for n in maps if n in SIGNED_METHODS])
     if "sanity_check" in methods:
         if not maps:
             raise ValueError("sanity_check needs an attribution method in --methods")
@@ -193,7 +209,7 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
     if "iresnet_counterfactual" in methods:
         summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant))
-    report.add_metrics(summary, title="Summary")
+    report.add_metrics(summary, title="Classifier metrics")
     return summary
 
 
@@ -217,11 +233,11 @@ def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, 
     save_arrays(out, "iresnet_counterfactual", images=data["images"], counterfactuals=cfs, target=target,
                 alpha=np.asarray(result.amount), target_prob=np.asarray(result.target_prob),
                 latent_drift=np.asarray(result.latent_drift))
-    report.add_image_grid(f"i-ResNet counterfactuals (to the other class, aimed at p >= {IRESNET_CONFIDENCE:g})",
-                          np.concatenate([data["images"], cfs]),
-                          [f"input, pred {p}" for p in pred] +
-                          [f"-> {t}, p {q:.2f} re-encoded" for t, q in zip(target, np.asarray(result.target_prob))],
-                          cols=len(pred))
+    names = data.get("class_names")
+    report.add_counterfactuals(
+        f"i-ResNet counterfactuals (to the next class, aimed at p >= {IRESNET_CONFIDENCE:g})", data["images"], cfs,
+        [f"-> {class_label(names, t)}: p {q:.2f}" for t, q in zip(target, np.asarray(result.target_prob))],
+        row_labels=[f"image {i}: f says {class_label(names, p)}" for i, p in enumerate(pred)])
     metrics = {"i-ResNet counterfactual validity": float(np.mean(np.asarray(result.valid))),
                "i-ResNet counterfactual target confidence": IRESNET_CONFIDENCE,
                "i-ResNet counterfactuals reaching the confidence in z": float(np.mean(np.asarray(result.latent_valid))),

@@ -31,7 +31,7 @@ from . import interpolation, latent_direction, projection
 from . import methods as registry
 from .bundles import LatentModels
 from .factor_changes import measured_changes
-from .report import Report, save_arrays
+from .report import Report, class_label, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     if unknown:
         raise ValueError(f"unknown latent methods {unknown}; known: {LATENT_METHODS}")
     images = jnp.asarray(data["images"])
+    names = data.get("class_names")
     if images.shape[1] != models.resolution:
         raise ValueError(f"the generator makes {models.resolution} px images, the images are {images.shape[1]} px")
     rng = jax.random.key(key)
@@ -119,7 +120,8 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
             f"Projections into W+ ({settings.projection_steps} steps, perceptual: {models.perceptual_name}"
             f"{', warm start: VisCoIN translator' if init is not None else ', start: w_avg'})",
             np.concatenate([np.asarray(images), np.asarray(proj.images)]),
-            [f"input, f: {p}" for p in pred] + [f"projection, f: {p}" for p in logits_proj.argmax(-1)],
+            [f"input, f: {class_label(names, p)}" for p in pred] +
+            [f"projection, f: {class_label(names, p)}" for p in logits_proj.argmax(-1)],
             cols=len(pred))
 
     # --- what G draws: a G that never draws a class cannot show a counterfactual into it ------------
@@ -131,7 +133,7 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         for c, share in enumerate(shares):
             summary[f"G samples f assigns to class {c}"] = share
         summary["G samples f assigns to the rarer class"] = min(shares)
-        captions = [f"f: {c}" for c in sample_class[:16]]
+        captions = [f"f: {class_label(names, c)}" for c in sample_class[:16]]
         if variant is not None:
             measured = measure_factors(samples)
             between = colour_in_between(measured["colour_score"])
@@ -192,12 +194,19 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
                                                                              grad_probs)):
         if name.startswith("logistic") and not directions:
             continue
-        for i in range(min(len(pred), 8)):
-            report.add_series(
-                f"Image {i}: {name} toward class {target[i]} (shift in units of w_std {float(w_std):.2f})",
-                ser[i], [f"t={t / float(w_std):.2f} p={pr[i, j, target[i]]:.2f}" for j, t in enumerate(ts)])
+        report.add_frame_rows(
+            f"Counterfactual series along the {name} (t: shift in units of w_std {float(w_std):.2f})",
+            [{"label": f"image {i}: f says {class_label(names, pred[i])}, toward {class_label(names, target[i])}",
+              "frames": (ser[i], [f"t={t / float(w_std):.2f}: p({class_label(names, target[i])}) "
+                                  f"{pr[i, j, target[i]]:.2f}" for j, t in enumerate(ts)])}
+             for i in range(min(len(pred), 8))], slider="t")
     if notes:
         report.add_section("Directions not fitted", "; ".join(notes) + " (the gradient direction is used)")
+    report.add_counterfactuals(
+        f"Latent counterfactuals (first t reaching p >= {settings.confidence:g}), beside the projection they start from",
+        proj.images, counterfactuals,
+        [f"-> {class_label(names, t)}: p {q:.2f}" for t, q in zip(target, p_cf)],
+        row_labels=[f"image {i}: f says {class_label(names, p)}" for i, p in enumerate(pred)])
     validity = cfm.validity(np.asarray(models.classifier_fn(jnp.asarray(counterfactuals))), target=target)
     proximity = cfm.proximity(np.asarray(proj.images), counterfactuals)
     summary["latent counterfactual validity"] = float(np.mean(validity.valid))
@@ -228,12 +237,18 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         paths, maps, path_probs, layer_attr = map(np.stack, (paths, maps, path_probs, layer_attr))
         save_arrays(out, "latent_interpolation", paths=paths, difference_maps=maps, probs=path_probs,
                     layer_attributions=layer_attr, completeness_gap=np.asarray(gaps), target=target)
-        for i in range(min(len(pred), 8)):
-            caps = [f"a={a:.2f} p={path_probs[i, j, target[i]]:.2f}"
-                    for j, a in enumerate(np.linspace(0, 1, settings.interpolation_steps))]
-            report.add_series(f"Image {i}: interpolation to its counterfactual (class {target[i]})", paths[i], caps)
-            report.add_heatmaps(paths[i][1:], maps[i][1:], caps[1:], title=f"Image {i}: where the path changes it",
-                                cols=settings.interpolation_steps)
+        shown = min(len(pred), 8)
+        alphas = np.linspace(0, 1, settings.interpolation_steps)
+        caps = [[f"a={a:.2f}: p({class_label(names, target[i])}) {path_probs[i, j, target[i]]:.2f}"
+                 for j, a in enumerate(alphas)] for i in range(shown)]
+        report.add_frame_rows("Interpolation from each projection to its counterfactual (a: 0 to 1)", [
+            {"label": f"image {i}: toward {class_label(names, target[i])}", "frames": (paths[i], caps[i])}
+            for i in range(shown)], slider="a")
+        report.add_heatmaps(np.concatenate([paths[i][1:] for i in range(shown)]),
+                            np.concatenate([maps[i][1:] for i in range(shown)]),
+                            [f"image {i}, {c}" for i in range(shown) for c in caps[i][1:]],
+                            title="Where the path changes each image (difference to the start)",
+                            label="difference to a=0")
         report.add_table([[i] + [f"{v:+.3f}" for v in layer_attr[i]] for i in range(len(pred))],
                          ["image"] + [f"w{j}" for j in range(layer_attr.shape[1])],
                          title="Integrated gradients of f's target logit per W+ vector (sum = logit change)")

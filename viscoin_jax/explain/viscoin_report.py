@@ -32,7 +32,7 @@ from . import concepts as concepts_lib
 from . import methods as registry
 from .bundles import VisCoINBundle
 from .factor_changes import measured_changes
-from .report import Report, save_arrays
+from .report import Report, class_label, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
     if data.get("labels") is not None:
         summary["g accuracy (these images)"] = float(np.mean(g_pred == data["labels"]))
     n = len(g_pred)
-    report.add_image_grid("VisCoIN reconstructions x~ = G(Omega(Psi(x)))",
-                          np.concatenate([np.asarray(images), reconstruction]),
-                          [f"input, g: {g}, f: {f}" for g, f in zip(g_pred, f_pred)] + ["reconstruction"] * n,
-                          cols=n)
+    names = data.get("class_names")
+    report.add_frame_rows("VisCoIN reconstructions x~ = G(Omega(Psi(x)))", [
+        {"label": f"image {i}", "frames": (np.stack([np.asarray(images)[i], reconstruction[i]]),
+                                           [f"input; g: {class_label(names, g_pred[i])}, f: {class_label(names, f_pred[i])}",
+                                            "reconstruction"])} for i in range(n)])
     need_train = "concepts" in methods or "consistency" in methods
     if need_train:
         train_x, _ = bundle.training_images(settings.num_training_images, "train")
@@ -90,26 +91,45 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
         shown = min(n, settings.max_images_drawn)
         drawings = np.asarray(concepts_lib.concept_visualisation(
             fns.translator_fn, fns.synthesis_fn, phi, phi_prime, top_ids, lambdas=settings.lambdas))
+        # f's probability of g's class for each drawing: does scaling the concept keep or lose the class?
+        flat = drawings[:shown].reshape((-1,) + drawings.shape[-3:])
+        drawn_p = np.asarray(jax.nn.softmax(jax.jit(fns.classifier_fn)(jnp.asarray(flat)), -1)).reshape(
+            drawings[:shown].shape[:3] + (-1,))
         for i in range(shown):
-            for j in range(k):
-                report.add_series(f"Image {i} (g: class {g_pred[i]}): concept {top_ids[i, j]}, "
-                                  f"relevance {top_r[i, j]:+.2f}", drawings[i, j],
-                                  [f"lambda={lam:g}" for lam in settings.lambdas])
+            cls = class_label(names, g_pred[i])
+            report.add_frame_rows(
+                f"Image {i} (g: {cls}): its top {k} concepts drawn at lambda {', '.join(f'{v:g}' for v in settings.lambdas)}",
+                [{"label": f"concept {top_ids[i, j]}, relevance {top_r[i, j]:+.2f}",
+                  "lead": (np.stack([np.asarray(images)[i], reconstruction[i]]), ["input", "reconstruction"]),
+                  "frames": (drawings[i, j], [f"lambda {lam:g}: f p({cls}) {drawn_p[i, j, li, g_pred[i]]:.2f}"
+                                              for li, lam in enumerate(settings.lambdas)])} for j in range(k)],
+                slider="lambda",
+                text="lambda scales the concept's activation phi_k (0 removes it, 1 is the image's own value); "
+                     "under each drawing, f's probability of g's class.")
+            if i == 0:
+                report.add_key_image("concepts", np.concatenate(
+                    [np.concatenate([np.asarray(images)[0], reconstruction[0], *drawings[0, j]], axis=1)
+                     for j in range(k)], axis=0))
         # class-level relevance and top-activating images, over training images
         train_phi = np.concatenate([np.asarray(concepts_fn(b)[0]) for b in _batches(train_x, 64)])
         train_pred = np.concatenate([np.asarray(head_fn(p)) for p in _batches(train_phi, 256)]).argmax(-1)
         train_rel = concept_ops.concept_relevance(train_phi, fns.head_weight, train_pred)
         class_rel, counts = (np.asarray(a) for a in concepts_lib.class_relevance(
             train_rel, train_pred, int(fns.head_weight.shape[1])))
-        report.add_table([[c, int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]] for c in range(len(counts))],
+        report.add_table([[class_label(names, c), int(counts[c])] + [f"{v:+.2f}" for v in class_rel[c]]
+                          for c in range(len(counts))],
                          ["class (g)", "images"] + [f"c{j}" for j in range(class_rel.shape[1])],
                          title=f"Class-level concept relevance (mean over {len(train_x)} training images)")
         top = concepts_lib.top_activating_images(fns.concepts_fn, _batches(train_x, 64), settings.top_images)
         top_ids_train, top_scores = np.asarray(top.ids), np.asarray(top.scores)
+        rows = []
         for c in range(top_ids_train.shape[0]):
             ids = top_ids_train[c][top_ids_train[c] >= 0]
-            report.add_image_grid(f"Concept {c}: the training images that activate it most", train_x[ids],
-                                  [f"#{i} act {s:.2f}" for i, s in zip(ids, top_scores[c])], cols=len(ids))
+            if len(ids):
+                rows.append({"label": f"concept {c}", "frames": (
+                    train_x[ids], [f"#{i} act {s:.2f}" for i, s in zip(ids, top_scores[c])])})
+        if rows:
+            report.add_frame_rows("Each concept's most activating training images", rows)
         arrays = dict(phi=np.asarray(phi), phi_prime=np.asarray(phi_prime), relevance=relevance,
                       top_concepts=top_ids, top_relevance=top_r, drawings=drawings,
                       lambdas=np.asarray(settings.lambdas), g_predictions=g_pred, f_predictions=f_pred,
