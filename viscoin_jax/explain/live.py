@@ -19,9 +19,10 @@ from ..models import concepts as concept_ops
 from ..models.registry import classifier_spec
 from . import concepts as concepts_lib
 from . import iresnet_counterfactual as icf
+from . import methods as registry
 from .bundles import ClassifierBundle, VisCoINBundle
-from .classifier_report import (ATTRIBUTION_METHODS, GRAD_CAM_LAYER, IRESNET_CONFIDENCE, IRESNET_MAX_ALPHA,
-                                SIGNED_METHODS, attribution_map)
+from .classifier_report import (ATTRIBUTION_METHODS, IRESNET_CONFIDENCE, IRESNET_MAX_ALPHA, SIGNED_METHODS,
+                                attribution_map)
 from .report import (DIVERGING_CMAP, SEQUENTIAL_CMAP, class_label, colour_bar, heatmap_overlay, map_limits,
                      png_base64, to_uint8)
 
@@ -44,7 +45,8 @@ class LiveExplainer:
         unknown = [m for m in methods if m not in ATTRIBUTION_METHODS]
         if unknown:
             raise ValueError(f"unknown attribution methods {unknown}; known: {ATTRIBUTION_METHODS}")
-        if "grad_cam" in methods and GRAD_CAM_LAYER not in classifier_spec(classifier.architecture).feature_maps:
+        grad_cam_layer = registry.METHODS["grad_cam"].settings["layer"]
+        if "grad_cam" in methods and grad_cam_layer not in classifier_spec(classifier.architecture).feature_maps:
             methods = [m for m in methods if m != "grad_cam"]  # Grad-CAM reads a ResNet's named stage
         self.resolution, self.class_names, self.methods = int(resolution), class_names, tuple(methods)
         self.top_k, self.lambdas = int(top_k), tuple(float(v) for v in lambdas)
