@@ -342,3 +342,22 @@ def test_interrupted_save_keeps_previous_checkpoint(two_steps):
     assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 3}
     assert json.loads((path / "3" / "data" / "process_0-of-1.json").read_text())["state"] == {
         "i": 3}
+
+
+def test_data_state_of_another_process_count(two_steps):
+    """A step saved by two processes (one data file each) resumes in one: the position they agree
+    on is taken; positions that differ cannot be redistributed and are named."""
+    path, host, target = two_steps
+    data = path / "2" / "data"
+    saved = json.loads((data / "process_0-of-1.json").read_text())
+    os.remove(data / "process_0-of-1.json")
+    os.remove(path / "2" / "checksums.json")
+    for k in range(2):
+        (data / f"process_{k}-of-2.json").write_text(json.dumps(saved))
+    assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 2}
+    (data / "process_1-of-2.json").write_text(json.dumps(dict(saved, state={"i": 3})))
+    with pytest.raises(CheckpointError, match="differ between the 2 processes"):
+        Checkpointer(path, read_only=True).restore(target)
+    os.remove(data / "process_1-of-2.json")  # an incomplete set
+    with pytest.raises(CheckpointError, match="no complete set"):
+        Checkpointer(path, read_only=True).restore(target)

@@ -144,11 +144,14 @@ def predict(task: ClassifierTask, state, images, batch_size: int = 256) -> np.nd
 
 
 def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
-    """Exact accuracy, per-class accuracy and (binary) Z'-factor over the whole evaluation split."""
-    fn = jax.jit(lambda s, x: classifier_logits(task.model(s), x, train=False))
+    """Exact accuracy, per-class accuracy and (binary) Z'-factor over the whole evaluation split:
+    every process's examples, evaluated on the devices that hold them and gathered once (the same
+    numbers on every process)."""
+    fn = lambda s, batch: classifier_logits(task.model(s), batch["image"], train=False)  # noqa: E731
+    batches = common.eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None))
     logits, labels = [], []
-    for batch in common.eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None)):
-        logits.append(np.asarray(fn(state, jnp.asarray(batch["image"]))))
+    for out, batch in common.evaluate_batches(fn, state, batches):
+        logits.append(out)
         labels.append(batch["label"])
     if not logits:
         raise ValueError("the evaluation split yielded no batches")

@@ -5,7 +5,9 @@ A checkpoint is one step directory `<workdir>/checkpoints/<step>/` with four ite
   every process and restorable onto any mesh by passing target shardings;
 - `data`: the data iterator position, one JSON file per process (`get_state()` of a grain
   iterator, or of any iterator with `get_state`/`set_state`), so a resumed run sees the same
-  batches as an uninterrupted one;
+  batches as an uninterrupted one; a run resumed by another number of processes takes the saved
+  position when every saving process holds the same one (the pipeline's positions count global
+  batches);
 - `config`: the run's config as JSON;
 - `metadata`: what is needed to rebuild the models without the training code (e.g. for
   `viscoin-jax explain`), supplied by the task.
@@ -71,6 +73,36 @@ def _process_file(directory: Path) -> Path:
     return Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+def _read_data_state(path: Path) -> Any:
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt data-iterator state {path}: {e}") from None
+    return _decode_data_state(payload, path)
+
+
+def _redistributed_data_state(directory: Path, wanted: Path) -> Any:
+    """The data position of a run saved by another number of processes. Positions count global
+    batches (`data.pipeline`), so every saving process holds the same one and it is valid for any
+    process count with the same global batch; saved positions that differ cannot be moved."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    counts = {p.name.rsplit("-of-", 1)[1].removesuffix(".json") for p in files}
+    if len(counts) != 1 or len(files) != int(next(iter(counts))):
+        raise CheckpointError(f"no data-iterator state for this process at {wanted} and no complete "
+                              f"set from another process count (found {[p.name for p in files]})")
+    states = [_read_data_state(p) for p in files]
+    if any(state != states[0] for state in states[1:]):
+        raise CheckpointError(
+            f"the data positions in {directory} differ between the {len(files)} processes that "
+            f"saved them (saved before positions counted global batches?): they cannot be "
+            f"redistributed over {jax.process_count()} processes; resume with {len(files)}")
+    if jax.process_index() == 0:
+        log.warning("checkpoint saved by %d processes, resumed by %d: the data position (the same "
+                    "global batch on every saving process) continues on each of the %d", len(files),
+                    jax.process_count(), jax.process_count())
+    return states[0]
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves each process's iterator state (JSON-able dict or bytes) to its own JSON file."""
 
@@ -80,15 +112,9 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
         path = _process_file(Path(directory))
-        if not path.is_file():
-            found = sorted(p.name for p in Path(directory).glob("process_*.json"))
-            raise CheckpointError(f"no data-iterator state for this process at {path} (found "
-                                  f"{found}; was the run saved with another process count?)")
-        try:
-            payload = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"corrupt data-iterator state {path}: {e}") from None
-        return _decode_data_state(payload, path)
+        if path.is_file():
+            return _read_data_state(path)
+        return _redistributed_data_state(Path(directory), path)
 
     def metadata(self, directory: epath.Path) -> None:
         return None
