@@ -84,7 +84,7 @@ class DataOptions:
     synthetic_size: int | None = None  # synthetic: examples in the split (None: 10000 train, 2000 else)
     drop_remainder: bool | None = None  # None: = train
     read_threads: int = 0  # reader threads (in-process; order stays deterministic)
-    prefetch_buffer: int = 64  # elements buffered by the reader threads
+    prefetch_buffer: int = 64  # examples buffered by the reader threads (in whole batches)
     worker_count: int = 0  # worker processes (0: in-process)
 
 
@@ -234,8 +234,10 @@ def make_dataset(config: Any = None, *, source=None, **overrides) -> grain.IterD
     drop = o.train if o.drop_remainder is None else bool(o.drop_remainder)
     ds = _host_batches(ds, int(o.batch_size), shard_index, shard_count, drop,
                        finite=num_epochs is not None)
+    # the reader threads read whole batches: the buffer holds about `prefetch_buffer` examples
+    buffered = max(1, -(-int(o.prefetch_buffer) // int(o.batch_size)))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(o.read_threads),
-                                              prefetch_buffer_size=int(o.prefetch_buffer)))
+                                              prefetch_buffer_size=buffered))
     if o.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()
