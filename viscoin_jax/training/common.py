@@ -104,10 +104,11 @@ def state_mesh(state: Any):
     return mesh_lib.make_mesh({"data": -1, "fsdp": 1})
 
 
-def evaluate_batches(fn, state: Any, batches) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+def evaluate_batches(fn, state: Any, batches) -> Iterator[Any]:
     """Runs the jittable `fn(state, batch)` on global batches assembled from every process's local
-    batches (`batches`: this process's part of each, as from `eval_batches`); yields (outputs,
-    global batch) as numpy on every process, all processes' rows in global order.
+    batches (`batches`: this process's part of each, as from `eval_batches`); yields its outputs as
+    numpy on every process, all processes' rows in global order (have `fn` return the labels too
+    when they are needed).
 
     The state stays where it is when it lives on a mesh (sharded or replicated, across processes
     too); a host state is replicated over `state_mesh(state)`. Each evaluation example is thus
@@ -121,7 +122,7 @@ def evaluate_batches(fn, state: Any, batches) -> Iterator[tuple[Any, dict[str, n
         batch = mesh_lib.make_global_batch(local, mesh)
         with jax.set_mesh(mesh):
             out = jitted(state, batch)
-        yield to_host(out), to_host(batch)
+        yield to_host(out)
 
 
 def all_processes(batch: Any) -> Any:
