@@ -332,8 +332,11 @@ def test_minibatch_std_groups_within_each_device():
     x = rng.standard_normal((24, 2, 3, 4)).astype(np.float32)
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))  # Auto axes, as the loop's
     mbstd = jax.jit(minibatch_std, static_argnums=(1, 2))
+    sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
     with jax.set_mesh(mesh):
-        got = mbstd(jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))), 4, 2)
+        got = mbstd(sharded, 4, 2)
+        program = mbstd.lower(sharded, 4, 2).compile().as_text()
+    assert not any(op in program for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute"))
     expected = np.concatenate([_mbstd_reference(part, 4, 2) for part in np.split(x, 8)])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     explicit = minibatch_std(jnp.asarray(x), 4, 1, num_shards=2)  # 2 parts of 12 rows, G = 4
