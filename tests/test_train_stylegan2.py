@@ -203,6 +203,11 @@ def test_sharded_step_matches_one_device(stepped, monkeypatch):
                                        err_msg=key)
     for a, b in zip(_leaves(state), _leaves(stepped["states"][2])):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+    host = sg.generator_on_host(state["task"])  # what the FID takes: numpy, gathered from the shards
+    assert sorted(host) == ["G_ema", "G_vars"]
+    for a, b in zip(jax.tree.leaves(host), _leaves({k: state["task"][k] for k in ("G_ema", "G_vars")})):
+        assert isinstance(a, np.ndarray)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_configs_are_rejected():

@@ -348,11 +348,11 @@ def generator_from_state(task: StyleGAN2Task, state, ema: bool = True) -> Genera
     return task.generator(state["G_ema" if ema else "G"], state["G_vars"])
 
 
-def generator_on_host(state) -> dict:
-    """G, G_ema and G_vars of a task state as numpy on every process, gathered explicitly from
+def generator_on_host(state, ema: bool = True) -> dict:
+    """G_ema (or G) and G_vars of a task state as numpy on every process, gathered explicitly from
     wherever they live (FSDP shards on other processes included): what the host-side FID and
     samplers take. Every process then computes the same FID from the same samples."""
-    return to_host({k: state[k] for k in ("G", "G_ema", "G_vars")})
+    return to_host({k: state[k] for k in ("G_ema" if ema else "G", "G_vars")})
 
 
 def generator_sampler(task: StyleGAN2Task, state, ema: bool = True, truncation_psi: float = 1.0):
