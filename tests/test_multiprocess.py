@@ -2,7 +2,8 @@
 shared workdir), checked against this single process: the checkpoint restores here, the final
 evaluation equals this process's evaluation of the same parameters on the same examples, and one
 process resumes the run from the saved step (state resharded, data position redistributed).
-The StyleGAN2 run and the data-parallel classifier take minutes on two cores: marked slow."""
+The StyleGAN2 run takes minutes on two cores: marked slow (the classifier tests, about 1 minute
+each)."""
 
 import json
 import os
@@ -118,8 +119,9 @@ def test_stylegan2_fsdp_over_two_processes(tmp_path):
     assert json.loads((workdir / "fid.json").read_text())["step"] == 3
 
 
-@pytest.mark.slow
 def test_classifier_data_parallel_over_two_processes(tmp_path):
+    """Data parallel across processes: the parameters replicated on both, the final evaluation
+    over both processes' examples, as this process evaluates the restored parameters."""
     workdir = tmp_path / "clf_dp"
     launch(CLASSIFIER_CONFIG, workdir, CLASSIFIER + DATA_PARALLEL + ["--config.train.num_steps=2"], 2, 4)
     written = json.loads((workdir / "eval_metrics.json").read_text())
