@@ -350,6 +350,7 @@ def test_data_state_of_another_process_count(two_steps):
     path, host, target = two_steps
     data = path / "2" / "data"
     saved = json.loads((data / "process_0-of-1.json").read_text())
+    assert saved["device_count"] == jax.device_count() == 8
     os.remove(data / "process_0-of-1.json")
     os.remove(path / "2" / "checksums.json")
     for k in range(2):
@@ -361,3 +362,13 @@ def test_data_state_of_another_process_count(two_steps):
     os.remove(data / "process_1-of-2.json")  # an incomplete set
     with pytest.raises(CheckpointError, match="no complete set"):
         Checkpointer(path, read_only=True).restore(target)
+
+
+def test_a_resume_on_another_device_count_is_logged(two_steps, caplog):
+    path, host, target = two_steps
+    data_file = path / "2" / "data" / "process_0-of-1.json"
+    data_file.write_text(json.dumps(dict(json.loads(data_file.read_text()), device_count=4)))
+    os.remove(path / "2" / "checksums.json")
+    caplog.set_level("WARNING")
+    assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 2}
+    assert "checkpoint saved on 4 devices, resumed on 8" in caplog.text

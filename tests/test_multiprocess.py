@@ -99,7 +99,7 @@ def test_classifier_fsdp_over_two_processes(tmp_path):
     # replicated, the data position taken over
     log = launch(CLASSIFIER_CONFIG, workdir, CLASSIFIER + DATA_PARALLEL + ["--config.train.num_steps=6"], 1, 8)
     assert "resumed from" in log and str(workdir / "checkpoints" / "4") in log
-    assert "checkpoint saved by 2 processes, resumed by 1" in log
+    assert "checkpoint saved by 2 processes (8 devices), resumed by 1 (8 devices)" in log
     assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2, 4, 6]
     assert _data_positions(workdir, 6) == [{**positions[0], "grain": {"next_index": 6}}]
 
@@ -115,7 +115,7 @@ def test_stylegan2_fsdp_over_two_processes(tmp_path):
     here = sg.compute_fid(task, jax.device_get(state), config)
     assert written["step"] == 2 and written["fid"] == pytest.approx(here.value, rel=1e-4)
     log = launch("stylegan2_synthetic", workdir, STYLEGAN2 + FSDP + ["--config.train.num_steps=3"], 1, 8)
-    assert "checkpoint saved by 2 processes, resumed by 1" in log
+    assert "checkpoint saved by 2 processes (8 devices), resumed by 1 (8 devices)" in log
     assert json.loads((workdir / "fid.json").read_text())["step"] == 3
 
 

@@ -81,6 +81,13 @@ def _read_data_state(path: Path) -> Any:
     return _decode_data_state(payload, path)
 
 
+def _saved_device_count(path: Path) -> int | None:
+    try:
+        return json.loads(path.read_text()).get("device_count")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _redistributed_data_state(directory: Path, wanted: Path) -> Any:
     """The data position of a run saved by another number of processes. Positions count global
     batches (`data.pipeline`), so every saving process holds the same one and it is valid for any
@@ -91,15 +98,18 @@ def _redistributed_data_state(directory: Path, wanted: Path) -> Any:
         raise CheckpointError(f"no data-iterator state for this process at {wanted} and no complete "
                               f"set from another process count (found {[p.name for p in files]})")
     states = [_read_data_state(p) for p in files]
+    saved_devices = _saved_device_count(files[0])
     if any(state != states[0] for state in states[1:]):
         raise CheckpointError(
             f"the data positions in {directory} differ between the {len(files)} processes that "
             f"saved them (saved before positions counted global batches?): they cannot be "
             f"redistributed over {jax.process_count()} processes; resume with {len(files)}")
     if jax.process_index() == 0:
-        log.warning("checkpoint saved by %d processes, resumed by %d: the data position (the same "
-                    "global batch on every saving process) continues on each of the %d", len(files),
-                    jax.process_count(), jax.process_count())
+        log.warning("checkpoint saved by %d processes (%s devices), resumed by %d (%d devices): the "
+                    "state is resharded and the data position (the same global batch on every "
+                    "saving process) continues on each of the %d", len(files),
+                    saved_devices if saved_devices is not None else "?", jax.process_count(),
+                    jax.device_count(), jax.process_count())
     return states[0]
 
 
@@ -108,13 +118,20 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: "DataStateSave"):
         path = _process_file(Path(directory))
-        path.write_text(json.dumps(_encode_data_state(args.state)))
+        # the device count saved beside the position: a resume on another one is named in the log
+        path.write_text(json.dumps(dict(_encode_data_state(args.state), device_count=jax.device_count())))
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
         path = _process_file(Path(directory))
-        if path.is_file():
-            return _read_data_state(path)
-        return _redistributed_data_state(Path(directory), path)
+        if not path.is_file():
+            return _redistributed_data_state(Path(directory), path)
+        state = _read_data_state(path)
+        saved = _saved_device_count(path)
+        if saved is not None and saved != jax.device_count() and jax.process_index() == 0:
+            log.warning("checkpoint saved on %d devices, resumed on %d (the state is resharded; "
+                        "StyleGAN2's minibatch-std groups follow the device count)", saved,
+                        jax.device_count())
+        return state
 
     def metadata(self, directory: epath.Path) -> None:
         return None
