@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from viscoin_jax.data.pipeline import STATE_LAYOUT
 from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training.checkpoint import Checkpointer, CheckpointError
 from viscoin_jax.training.config import load_config, load_saved_config
@@ -346,18 +347,24 @@ def test_interrupted_save_keeps_previous_checkpoint(two_steps):
 
 def test_data_state_of_another_process_count(two_steps):
     """A step saved by two processes (one data file each) resumes in one: the position they agree
-    on is taken; positions that differ cannot be redistributed and are named."""
+    on, in global batches, is taken; positions that differ, or that count something else (this
+    test's {"i": 2}, or a host's examples as saved before), cannot be redistributed and are named."""
     path, host, target = two_steps
     data = path / "2" / "data"
     saved = json.loads((data / "process_0-of-1.json").read_text())
     assert saved["device_count"] == jax.device_count() == 8
     os.remove(data / "process_0-of-1.json")
     os.remove(path / "2" / "checksums.json")
+    position = {"layout": STATE_LAYOUT, "grain": {"next_index": 2}}
     for k in range(2):
-        (data / f"process_{k}-of-2.json").write_text(json.dumps(saved))
-    assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 2}
-    (data / "process_1-of-2.json").write_text(json.dumps(dict(saved, state={"i": 3})))
+        (data / f"process_{k}-of-2.json").write_text(json.dumps(dict(saved, state=position)))
+    assert Checkpointer(path, read_only=True).restore(target).data_state == position
+    (data / "process_1-of-2.json").write_text(json.dumps(dict(saved, state={**position, "grain": {"next_index": 3}})))
     with pytest.raises(CheckpointError, match="differ between the 2 processes"):
+        Checkpointer(path, read_only=True).restore(target)
+    for k in range(2):
+        (data / f"process_{k}-of-2.json").write_text(json.dumps(saved))  # {"i": 2}
+    with pytest.raises(CheckpointError, match="do not count global batches.*resume with 2"):
         Checkpointer(path, read_only=True).restore(target)
     os.remove(data / "process_1-of-2.json")  # an incomplete set
     with pytest.raises(CheckpointError, match="no complete set"):

@@ -38,6 +38,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from ..data.pipeline import STATE_LAYOUT
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -99,11 +101,16 @@ def _redistributed_data_state(directory: Path, wanted: Path) -> Any:
                               f"set from another process count (found {[p.name for p in files]})")
     states = [_read_data_state(p) for p in files]
     saved_devices = _saved_device_count(files[0])
+    if not (isinstance(states[0], dict) and states[0].get("layout") == STATE_LAYOUT):
+        raise CheckpointError(
+            f"the data positions in {directory} do not count global batches (another iterator, or "
+            f"saved before they did): they fit only the {len(files)} processes that saved them; "
+            f"resume with {len(files)}")
     if any(state != states[0] for state in states[1:]):
         raise CheckpointError(
             f"the data positions in {directory} differ between the {len(files)} processes that "
-            f"saved them (saved before positions counted global batches?): they cannot be "
-            f"redistributed over {jax.process_count()} processes; resume with {len(files)}")
+            f"saved them: they cannot be redistributed over {jax.process_count()} processes; "
+            f"resume with {len(files)}")
     if jax.process_index() == 0:
         log.warning("checkpoint saved by %d processes (%s devices), resumed by %d (%d devices): the "
                     "state is resharded and the data position (the same global batch on every "
