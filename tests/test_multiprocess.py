@@ -62,6 +62,35 @@ def launch(config: str, workdir: Path, args: list[str], processes: int, devices:
     return log
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evaluation_helpers_gather_every_process(tmp_path):
+    """`evaluate_batches` runs on global batches built from each process's block, with parameters
+    sharded across the processes, and every process gets all rows back; `all_processes` gathers a
+    batch. Checked against numpy on the whole data."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("VISCOIN_DISTRIBUTED", None)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "gather_worker.py"), str(tmp_path)],
+                              env=dict(env, JAX_PROCESS_ID=str(k)), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    for k in range(2):
+        got = np.load(tmp_path / f"process_{k}.npz")
+        x, y, w = got["x"], got["y"], got["w"]
+        np.testing.assert_allclose(got["products"], np.einsum("bnk,kd->bnd", x.astype(np.float64), w),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got["labels"], y)
+        np.testing.assert_array_equal(got["gathered_x"], x)
+
+
 def _data_positions(workdir: Path, step: int) -> list[dict]:
     files = sorted((workdir / "checkpoints" / str(step) / "data").glob("process_*.json"))
     return [json.loads(p.read_text())["state"] for p in files]
