@@ -345,6 +345,11 @@ def test_interrupted_save_keeps_previous_checkpoint(two_steps):
         "i": 3}
 
 
+def _restore(path, target):
+    with Checkpointer(path, read_only=True) as ckpt:
+        return ckpt.restore(target)
+
+
 def test_data_state_of_another_process_count(two_steps):
     """A step saved by two processes (one data file each) resumes in one: the position they agree
     on, in global batches, is taken; positions that differ, or that count something else (this
@@ -358,17 +363,17 @@ def test_data_state_of_another_process_count(two_steps):
     position = {"layout": STATE_LAYOUT, "grain": {"next_index": 2}}
     for k in range(2):
         (data / f"process_{k}-of-2.json").write_text(json.dumps(dict(saved, state=position)))
-    assert Checkpointer(path, read_only=True).restore(target).data_state == position
+    assert _restore(path, target).data_state == position
     (data / "process_1-of-2.json").write_text(json.dumps(dict(saved, state={**position, "grain": {"next_index": 3}})))
     with pytest.raises(CheckpointError, match="differ between the 2 processes"):
-        Checkpointer(path, read_only=True).restore(target)
+        _restore(path, target)
     for k in range(2):
         (data / f"process_{k}-of-2.json").write_text(json.dumps(saved))  # {"i": 2}
     with pytest.raises(CheckpointError, match="do not count global batches.*resume with 2"):
-        Checkpointer(path, read_only=True).restore(target)
+        _restore(path, target)
     os.remove(data / "process_1-of-2.json")  # an incomplete set
     with pytest.raises(CheckpointError, match="no complete set"):
-        Checkpointer(path, read_only=True).restore(target)
+        _restore(path, target)
 
 
 def test_a_resume_on_another_device_count_is_logged(two_steps, caplog):
@@ -377,5 +382,5 @@ def test_a_resume_on_another_device_count_is_logged(two_steps, caplog):
     data_file.write_text(json.dumps(dict(json.loads(data_file.read_text()), device_count=4)))
     os.remove(path / "2" / "checksums.json")
     caplog.set_level("WARNING")
-    assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 2}
+    assert _restore(path, target).data_state == {"i": 2}
     assert "checkpoint saved on 4 devices, resumed on 8" in caplog.text
