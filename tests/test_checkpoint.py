@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from viscoin_jax.data.pipeline import STATE_LAYOUT
 from viscoin_jax.training import mesh as mesh_lib
 from viscoin_jax.training.checkpoint import Checkpointer, CheckpointError
 from viscoin_jax.training.config import load_config, load_saved_config
@@ -342,3 +343,44 @@ def test_interrupted_save_keeps_previous_checkpoint(two_steps):
     assert Checkpointer(path, read_only=True).restore(target).data_state == {"i": 3}
     assert json.loads((path / "3" / "data" / "process_0-of-1.json").read_text())["state"] == {
         "i": 3}
+
+
+def _restore(path, target):
+    with Checkpointer(path, read_only=True) as ckpt:
+        return ckpt.restore(target)
+
+
+def test_data_state_of_another_process_count(two_steps):
+    """A step saved by two processes (one data file each) resumes in one: the position they agree
+    on, in global batches, is taken; positions that differ, or that count something else (this
+    test's {"i": 2}, or a host's examples as saved before), cannot be redistributed and are named."""
+    path, host, target = two_steps
+    data = path / "2" / "data"
+    saved = json.loads((data / "process_0-of-1.json").read_text())
+    assert saved["device_count"] == jax.device_count() == 8
+    os.remove(data / "process_0-of-1.json")
+    os.remove(path / "2" / "checksums.json")
+    position = {"layout": STATE_LAYOUT, "grain": {"next_index": 2}}
+    for k in range(2):
+        (data / f"process_{k}-of-2.json").write_text(json.dumps(dict(saved, state=position)))
+    assert _restore(path, target).data_state == position
+    (data / "process_1-of-2.json").write_text(json.dumps(dict(saved, state={**position, "grain": {"next_index": 3}})))
+    with pytest.raises(CheckpointError, match="differ between the 2 processes"):
+        _restore(path, target)
+    for k in range(2):
+        (data / f"process_{k}-of-2.json").write_text(json.dumps(saved))  # {"i": 2}
+    with pytest.raises(CheckpointError, match="do not count global batches.*resume with 2"):
+        _restore(path, target)
+    os.remove(data / "process_1-of-2.json")  # an incomplete set
+    with pytest.raises(CheckpointError, match="no complete set"):
+        _restore(path, target)
+
+
+def test_a_resume_on_another_device_count_is_logged(two_steps, caplog):
+    path, host, target = two_steps
+    data_file = path / "2" / "data" / "process_0-of-1.json"
+    data_file.write_text(json.dumps(dict(json.loads(data_file.read_text()), device_count=4)))
+    os.remove(path / "2" / "checksums.json")
+    caplog.set_level("WARNING")
+    assert _restore(path, target).data_state == {"i": 2}
+    assert "checkpoint saved on 4 devices, resumed on 8" in caplog.text

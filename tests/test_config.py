@@ -197,6 +197,30 @@ def test_local_launcher_runs_cli(tmp_path):
     assert "num_steps: 9" in out.stdout
 
 
+def test_local_launcher_starts_n_processes(tmp_path):
+    """--processes N starts N processes of one run: the same coordinator (a local port), the count,
+    ids 0..N-1, the arguments passed through; a failing process's status is the launcher's."""
+    fake = tmp_path / "python"  # records what each process got; process 1 exits 75
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\n'
+                    f'echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID ${{VISCOIN_DISTRIBUTED:-unset}} $*"'
+                    f' > {tmp_path}/p$JAX_PROCESS_ID.txt\n[ "$JAX_PROCESS_ID" = 1 ] && exit 75\nexit 0\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), VISCOIN_DISTRIBUTED="0")
+    out = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--processes", "3", TOY, "/w",
+                          "--config.train.num_steps=9"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 75, out.stderr
+    lines = [(tmp_path / f"p{k}.txt").read_text().split() for k in range(3)]
+    assert [line[2] for line in lines] == ["0", "1", "2"] and {line[1] for line in lines} == {"3"}
+    host, port = lines[0][0].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0 and {line[0] for line in lines} == {lines[0][0]}
+    assert lines[0][3] == "unset"  # the single-process override is not inherited
+    assert lines[0][4:] == ["-m", "viscoin_jax.cli", "train", "--config", TOY, "--workdir", "/w",
+                            "--config.train.num_steps=9"]
+    bad = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--processes", "two", TOY, "/w"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "local.sh: --processes needs a whole number >= 1, got 'two'"
+
+
 def test_tpu_pod_launcher_commands(tmp_path):
     """launch/tpu_pod.sh copies the code to all workers and starts training on all of them."""
     bin_dir = tmp_path / "bin"

@@ -309,8 +309,38 @@ def test_hosts_get_disjoint_shares():
         h0, h1 = (p[20 * epoch:20 * (epoch + 1)] for p in per_host)
         assert not set(h0.tolist()) & set(h1.tolist())
         assert sorted(np.concatenate([h0, h1]).tolist()) == list(range(40))
-    np.testing.assert_array_equal(per_host[0], single[0::2])  # stream positions k::2
-    np.testing.assert_array_equal(per_host[1], single[1::2])
+    # global batch j (10 rows) is host 0's batch j then host 1's: the one-host batch j, in order
+    for k in range(2):
+        np.testing.assert_array_equal(per_host[k].reshape(8, 5), single.reshape(8, 10)[:, 5 * k:5 * k + 5])
+
+
+def test_position_is_the_global_batch_count_for_any_host_count():
+    """A position saved by one host layout resumes under another (same global batch of 12): every
+    host of the new layout continues with its block of the global batches that followed."""
+    opts = dict(SYN, seed=3)
+    one = make_iterator(opts, batch_size=12, shard_index=0, shard_count=1)
+    _take(one, 2)
+    states = []
+    for k in range(3):
+        it = make_iterator(opts, batch_size=4, shard_index=k, shard_count=3)
+        _take(it, 2)
+        states.append(json.loads(json.dumps(iterator_state(it))))
+    assert states[0] == states[1] == states[2] == iterator_state(one)
+    expected = np.concatenate([b["index"] for b in _take(one, 3)]).reshape(3, 12)
+    for k in range(2):  # two hosts resume the position the three saved
+        resumed = make_iterator(opts, batch_size=6, shard_index=k, shard_count=2, state=states[0])
+        got = np.stack([b["index"] for b in _take(resumed, 3)])
+        np.testing.assert_array_equal(got, expected[:, 6 * k:6 * k + 6])
+
+
+def test_a_position_saved_in_host_examples_is_converted():
+    """Checkpoints written before positions counted global batches hold grain's own state (this
+    host's examples consumed): it resumes at the same batch."""
+    opts = dict(SYN, seed=3, batch_size=4)
+    it = make_iterator(opts)
+    _take(it, 3)
+    expected = _take(it, 2)
+    _assert_same_batches(_take(make_iterator(opts, state={"next_index": 12}), 2), expected)
 
 
 def test_options_errors():

@@ -295,20 +295,23 @@ def test_initialisers_follow_the_reference():
     np.testing.assert_array_equal(mapping.fc1.bias[...], np.zeros(12, np.float32))
 
 
+def _mbstd_reference(x, group, nf):
+    """The reference's minibatch std on one GPU's batch, by a loop in float64."""
+    n, h, w, c = x.shape
+    g = min(group, n)
+    out = np.zeros((n, h, w, nf))
+    for i in range(n):
+        members = [j for j in range(n) if j % (n // g) == i % (n // g)]  # stride-n/G groups
+        xs = x[members].astype(np.float64).reshape(g, h, w, nf, c // nf)
+        std = np.sqrt(xs.var(axis=0) + 1e-8)  # population variance over the group
+        out[i] = std.mean(axis=(0, 1, 3))[None, None, :]
+    return np.concatenate([x, out], axis=-1)
+
+
 def test_minibatch_std_matches_numpy():
     rng = np.random.default_rng(12)
     x = rng.standard_normal((8, 3, 5, 6)).astype(np.float32)
-
-    def reference(x, group, nf):
-        n, h, w, c = x.shape
-        g = min(group, n)
-        out = np.zeros((n, h, w, nf))
-        for i in range(n):
-            members = [j for j in range(n) if j % (n // g) == i % (n // g)]  # stride-n/G groups
-            xs = x[members].astype(np.float64).reshape(g, h, w, nf, c // nf)
-            std = np.sqrt(xs.var(axis=0) + 1e-8)  # population variance over the group
-            out[i] = std.mean(axis=(0, 1, 3))[None, None, :]
-        return np.concatenate([x, out], axis=-1)
+    reference = _mbstd_reference
 
     mbstd = jax.jit(minibatch_std, static_argnums=(1, 2))
     for group, nf in ((4, 2), (8, 3), (2, 6)):
@@ -319,6 +322,30 @@ def test_minibatch_std_matches_numpy():
         minibatch_std(jnp.asarray(x[:6]), 4, 1)
     with pytest.raises(ValueError, match="channels"):
         minibatch_std(jnp.asarray(x), 4, 4)
+
+
+def test_minibatch_std_groups_within_each_device():
+    """Under a mesh each device's rows (3 of 24 here, G = 3) form their own groups, as each GPU's batch does in the
+    reference: the same numbers as the one-GPU reference on every device's part."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((24, 2, 3, 4)).astype(np.float32)
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))  # Auto axes, as the loop's
+    mbstd = jax.jit(minibatch_std, static_argnums=(1, 2))
+    sharded = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+        got = mbstd(sharded, 4, 2)
+        program = mbstd.lower(sharded, 4, 2).compile().as_text()
+    assert not any(op in program for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute"))
+    expected = np.concatenate([_mbstd_reference(part, 4, 2) for part in np.split(x, 8)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    explicit = minibatch_std(jnp.asarray(x), 4, 1, num_shards=2)  # 2 parts of 12 rows, G = 4
+    np.testing.assert_allclose(explicit, np.concatenate([_mbstd_reference(p, 4, 1) for p in np.split(x, 2)]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not split into 5"):
+        minibatch_std(jnp.asarray(x), 4, 1, num_shards=5)
+    with pytest.raises(ValueError, match="per device"):
+        minibatch_std(jnp.asarray(x[:18]), 4, 1, num_shards=2)  # 9 rows per device, G = 4
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,13 +10,16 @@
 
 Order of the grain `MapDataset` (every step is lazy and index-based, hence random-access and
 resumable): source -> [train: shuffle(seed), reshuffled every epoch] -> repeat(num_epochs) ->
-per-example transform (augmentation seeded by (seed, stream position)) -> this host's share of the
-stream, positions `shard_index::shard_count` -> to_iter_dataset (optional reader threads) ->
-batch(batch_size) -> [optional worker processes].
-Each host therefore reads a disjoint part of one global stream, and within an epoch the hosts
-together see every example once. A finite pass (eval) is first cut to a multiple of
-`shard_count` so that every host yields the same number of batches (up to shard_count - 1 examples
-are dropped); `drop_remainder` (default: `train`) drops the last partial batch.
+per-example transform (augmentation seeded by (seed, stream position)) -> batch(batch_size) ->
+this host's batches: global batch k is stream positions [k*B, (k+1)*B), B = batch_size *
+shard_count, and host h reads its h-th contiguous block -> to_iter_dataset (optional reader
+threads) -> [optional worker processes].
+Each host therefore reads a disjoint part of one global stream, within an epoch the hosts together
+see every example once, and the global batch (the hosts' blocks in host order) holds the same rows
+in the same order whatever the host count; the iterator position counts global batches, the same
+on every host. A finite pass (eval) is first cut to a multiple of `shard_count` so that every host
+yields the same number of batches (up to shard_count - 1 examples are dropped); `drop_remainder`
+(default: `train`) drops the last partial batch.
 
 `batch_size` is per host (the trainer's global batch divided by `jax.process_count()`).
 """
@@ -81,7 +84,7 @@ class DataOptions:
     synthetic_size: int | None = None  # synthetic: examples in the split (None: 10000 train, 2000 else)
     drop_remainder: bool | None = None  # None: = train
     read_threads: int = 0  # reader threads (in-process; order stays deterministic)
-    prefetch_buffer: int = 64  # elements buffered by the reader threads
+    prefetch_buffer: int = 64  # examples buffered by the reader threads (in whole batches)
     worker_count: int = 0  # worker processes (0: in-process)
 
 
@@ -228,11 +231,13 @@ def make_dataset(config: Any = None, *, source=None, **overrides) -> grain.IterD
         ds = ds.random_map(transform, seed=int(o.seed))
     else:
         ds = ds.map(transform)
-    ds = ds[shard_index::shard_count]
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(o.read_threads),
-                                              prefetch_buffer_size=int(o.prefetch_buffer)))
     drop = o.train if o.drop_remainder is None else bool(o.drop_remainder)
-    it = it.batch(int(o.batch_size), drop_remainder=drop)
+    ds = _host_batches(ds, int(o.batch_size), shard_index, shard_count, drop,
+                       finite=num_epochs is not None)
+    # the reader threads read whole batches: the buffer holds about `prefetch_buffer` examples
+    buffered = max(1, -(-int(o.prefetch_buffer) // int(o.batch_size)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(o.read_threads),
+                                              prefetch_buffer_size=buffered))
     if o.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
             flags.FLAGS.mark_as_parsed()
@@ -240,12 +245,33 @@ def make_dataset(config: Any = None, *, source=None, **overrides) -> grain.IterD
     return it
 
 
+def _host_batches(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int,
+                  drop_remainder: bool, finite: bool) -> grain.MapDataset:
+    """This host's batches: global batch k is the stream's positions [k * B, (k + 1) * B) with
+    B = batch_size * shard_count, and host h reads its h-th contiguous block of batch_size rows. So
+    the global batch (the hosts' blocks in host order) is the same rows in the same order whatever
+    the number of hosts, and a host's position is the global batch count, the same on every host.
+    A finite stream's last partial global batch (kept without `drop_remainder`; its length is a
+    multiple of shard_count) is split into equal blocks too."""
+    step = batch_size * shard_count
+    if not finite:
+        return ds.batch(batch_size)[shard_index::shard_count]
+    full = len(ds) // step
+    out = ds[: full * step].batch(batch_size)[shard_index::shard_count]
+    rest = len(ds) - full * step
+    if rest and not drop_remainder:
+        share = rest // shard_count  # > 0: the stream was cut to a multiple of shard_count
+        start = full * step + shard_index * share
+        out = grain.MapDataset.concatenate([out, ds[start:start + share].batch(share)])
+    return out
+
+
 def make_iterator(config: Any = None, *, state: Any = None, source=None,
                   **overrides) -> grain.DatasetIterator:
     """A fresh iterator of `make_dataset(...)`, moved to `state` (from `iterator_state`) if given."""
     it = iter(make_dataset(config, source=source, **overrides))
     if state is not None:
-        restore_iterator(it, state)
+        restore_iterator(it, state, batch_size=resolve_options(config, **overrides).batch_size)
     return it
 
 
@@ -271,17 +297,31 @@ def _unplain(x):
     return x
 
 
+STATE_LAYOUT = "global-batches"  # tags a position counted in global batches (see _host_batches)
+
+
 def iterator_state(it: grain.DatasetIterator) -> dict:
-    """The iterator's position as a JSON-able dict (save it per host with the checkpoint)."""
-    state = _plain(it.get_state())
+    """The iterator's position as a JSON-able dict (save it per host with the checkpoint). It counts
+    global batches, so it is the same on every host and fits any host count with the same global
+    batch."""
+    state = {"layout": STATE_LAYOUT, "grain": _plain(it.get_state())}
     json.dumps(state)  # fails loudly here, not at checkpoint time
     return state
 
 
-def restore_iterator(it: grain.DatasetIterator, state: Any) -> grain.DatasetIterator:
-    """Moves a fresh iterator of the same pipeline to `state`; returns it."""
+def restore_iterator(it: grain.DatasetIterator, state: Any, batch_size: int | None = None
+                     ) -> grain.DatasetIterator:
+    """Moves a fresh iterator of the same pipeline to `state`; returns it. A state saved before
+    positions counted global batches (a bare grain state counting this host's examples) needs the
+    per-host `batch_size` it was saved with, to be converted."""
     if isinstance(state, (str, bytes)):
         state = json.loads(state)
+    if isinstance(state, Mapping) and state.get("layout") == STATE_LAYOUT:
+        state = state["grain"]
+    elif isinstance(state, Mapping) and set(state) == {"next_index"} and batch_size:
+        log.info("data position saved as %d examples of this host: converted to %d batches",
+                 state["next_index"], int(state["next_index"]) // batch_size)
+        state = {"next_index": int(state["next_index"]) // batch_size}
     try:
         it.set_state(_unplain(state))
     except (KeyError, TypeError, ValueError) as e:
@@ -297,5 +337,5 @@ def steps_per_epoch(num_examples: int, batch_size: int, shard_count: int = 1) ->
 __all__ = [
     "DataOptions", "data_config", "resolve_options", "DATASETS", "DatasetSpec", "known_datasets",
     "AUGMENTATIONS", "make_source", "make_dataset", "make_iterator", "iterator_state",
-    "restore_iterator", "steps_per_epoch",
+    "restore_iterator", "steps_per_epoch", "STATE_LAYOUT",
 ]

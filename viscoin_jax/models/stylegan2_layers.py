@@ -136,23 +136,43 @@ class Conv2dLayer(nnx.Module):
         return bias_act(y, b, self.activation, gain=act_gain, clamp=clamp)
 
 
-def minibatch_std(x, group_size: int | None = 4, num_channels: int = 1):
+def batch_shards(n: int) -> int:
+    """How many devices the batch of `n` rows is split over while tracing: the size of the mesh
+    set with `jax.set_mesh` (the training loop's batches are split over all its axes) when it
+    divides `n`, else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes or n % mesh.size:
+        return 1
+    return int(mesh.size)
+
+
+def minibatch_std(x, group_size: int | None = 4, num_channels: int = 1, num_shards: int | None = None):
     """Append the reference's minibatch-standard-deviation feature maps (NHWC).
 
-    The batch is split into groups of G = min(group_size, N) samples taken with stride N / G
-    (sample i belongs to group i mod (N / G)), the channels into `num_channels` slices; each
-    appended channel is the std over the group, averaged over its channel slice and all pixels.
+    The batch is cut into `num_shards` equal consecutive parts (default `batch_shards`: one per
+    device of the mesh set while tracing), as the reference runs one per GPU on that GPU's batch.
+    Within each part of n rows: groups of G = min(group_size, n) samples taken with stride n / G
+    (sample i of the part belongs to group i mod (n / G)), the channels in `num_channels` slices;
+    each appended channel is the std over the group, averaged over its channel slice and all
+    pixels. The groups therefore never span devices (no communication) and depend on the device
+    count but not on how devices are spread over processes; one device is the reference on one GPU.
     """
     n, h, w, c = x.shape
-    g = n if group_size is None else min(group_size, n)
-    if n % g:
-        raise ValueError(f"minibatch_std: batch size {n} is not divisible by the group size {g}")
+    shards = batch_shards(n) if num_shards is None else int(num_shards)
+    if shards < 1 or n % shards:
+        raise ValueError(f"minibatch_std: batch size {n} does not split into {shards} device parts")
+    local = n // shards
+    g = local if group_size is None else min(group_size, local)
+    if local % g:
+        raise ValueError(f"minibatch_std: batch size {local} (per device) is not divisible by the "
+                         f"group size {g}")
     if num_channels < 1 or c % num_channels:
         raise ValueError(f"minibatch_std: {c} channels cannot be split into {num_channels} groups")
-    y = x.astype(jnp.float32).reshape(g, n // g, h, w, num_channels, c // num_channels)
-    y = y - jnp.mean(y, axis=0)
-    y = jnp.sqrt(jnp.mean(jnp.square(y), axis=0) + 1e-8)  # [n/G, H, W, F, c]
-    y = jnp.mean(y, axis=(1, 2, 4))  # [n/G, F]
-    y = jnp.tile(y, (g, 1))  # sample i gets the statistics of group i mod (n / G)
+    y = x.astype(jnp.float32).reshape(shards, g, local // g, h, w, num_channels, c // num_channels)
+    y = y - jnp.mean(y, axis=1, keepdims=True)
+    y = jnp.sqrt(jnp.mean(jnp.square(y), axis=1) + 1e-8)  # [shards, n/G, H, W, F, c]
+    y = jnp.mean(y, axis=(2, 3, 5))  # [shards, n/G, F]
+    # sample i of a part gets the statistics of group i mod (n / G)
+    y = jnp.broadcast_to(y[:, None], (shards, g, local // g, num_channels)).reshape(n, num_channels)
     y = jnp.broadcast_to(y[:, None, None, :], (n, h, w, num_channels))
     return jnp.concatenate([x, y.astype(x.dtype)], axis=-1)

@@ -144,12 +144,17 @@ def predict(task: ClassifierTask, state, images, batch_size: int = 256) -> np.nd
 
 
 def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
-    """Exact accuracy, per-class accuracy and (binary) Z'-factor over the whole evaluation split."""
-    fn = jax.jit(lambda s, x: classifier_logits(task.model(s), x, train=False))
+    """Exact accuracy, per-class accuracy and (binary) Z'-factor over the whole evaluation split:
+    every process's examples, evaluated on the devices that hold them and gathered once (the same
+    numbers on every process)."""
+    def fn(s, batch):
+        return classifier_logits(task.model(s), batch["image"], train=False), batch["label"]
+
+    batches = common.eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None))
     logits, labels = [], []
-    for batch in common.eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None)):
-        logits.append(np.asarray(fn(state, jnp.asarray(batch["image"]))))
-        labels.append(batch["label"])
+    for batch_logits, batch_labels in common.evaluate_batches(fn, state, batches):
+        logits.append(batch_logits)
+        labels.append(batch_labels)
     if not logits:
         raise ValueError("the evaluation split yielded no batches")
     logits, labels = np.concatenate(logits), np.concatenate(labels)

@@ -23,6 +23,13 @@ Task state: {"step", "G", "G_ema", "G_vars", "D", ["D_vars"], "G_opt", "D_opt", 
 generator's other variables (w_avg, constant noise) shared by G and G_ema (the reference copies
 buffers into G_ema rather than averaging them).
 
+Devices and processes: D's minibatch std groups rows within each device's part of the batch, as
+the reference does within each GPU's, so a run depends on the device count (as the reference's on
+the GPU count) but not on how the devices are spread over processes: the data pipeline gives the
+same global batch in the same order for any process count, so one process with 8 devices and two
+with 4 train the same run up to the order of sums. The FID gathers G_ema to every process
+(`generator_on_host`), which computes the same value from the same samples.
+
 Precision: as the reference, the `num_fp16_res` highest resolutions of G and D compute in a reduced
 dtype with `conv_clamp` on their activations, everything else in float32; parameters, optimiser
 state and gradients stay float32 (master weights). The reduced dtype is `mixed_precision`: "auto"
@@ -52,6 +59,7 @@ from . import ada as ada_lib
 from ..training import common
 from . import stylegan2_losses as losses
 from ..training.loop import Task, run_training
+from ..training.monitor import to_host
 from ..phases import announce
 
 log = logging.getLogger(__name__)
@@ -324,7 +332,8 @@ class StyleGAN2Task(Task):
                 self._fid_extractor = fid_extractor(self.config)
                 self._fid_real_stats = fid_lib.feature_stats(real_images(self.config, n), self._fid_extractor,
                                                      batch_size=int(self.config.fid.batch_size), max_items=n)
-            result = compute_fid(self, state, self.config, self._fid_extractor, self._fid_real_stats)
+            result = compute_fid(self, generator_on_host(state), self.config, self._fid_extractor,
+                                 self._fid_real_stats)
         return {"fid": result.value}
 
     def model_metadata(self) -> dict:
@@ -342,6 +351,13 @@ def make_task(config: Any) -> StyleGAN2Task:
 def generator_from_state(task: StyleGAN2Task, state, ema: bool = True) -> Generator:
     """The nnx Generator of a task state: the EMA weights (default) or the trained ones."""
     return task.generator(state["G_ema" if ema else "G"], state["G_vars"])
+
+
+def generator_on_host(state, ema: bool = True) -> dict:
+    """G_ema (or G) and G_vars of a task state as numpy on every process, gathered explicitly from
+    wherever they live (FSDP shards on other processes included): what the host-side FID and
+    samplers take. Every process then computes the same FID from the same samples."""
+    return to_host({k: state[k] for k in ("G_ema" if ema else "G", "G_vars")})
 
 
 def generator_sampler(task: StyleGAN2Task, state, ema: bool = True, truncation_psi: float = 1.0):
@@ -401,7 +417,7 @@ def train(config: Any, workdir: str):
     result = run_training(task, config, workdir).raise_if_preempted()
     metrics = {}
     if int(config.fid.num_samples) > 0:
-        state = jax.device_get(result.state["task"])
+        state = generator_on_host(result.state["task"])
         n = int(config.fid.num_samples)
         with announce(log, f"FID of G_ema on {n} samples (final" + (
                 "; the real images' statistics first)" if task._fid_real_stats is None else ")")):
@@ -436,5 +452,6 @@ def latent_models(generator_workdir: str, classifier_fn) -> LatentModels:
                         int(G.img_resolution))
 
 
-__all__ = ["StyleGAN2Task", "latent_models", "make_task", "train", "load", "generator_from_state", "generator_sampler",
+__all__ = ["StyleGAN2Task", "latent_models", "make_task", "train", "load", "generator_from_state", "generator_on_host",
+           "generator_sampler",
            "compute_fid", "fid_extractor", "real_images", "build_generator", "build_discriminator"]

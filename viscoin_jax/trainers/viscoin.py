@@ -45,6 +45,7 @@ from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
 from ..training import common
 from ..training.loop import Task, run_training
+from ..training.monitor import to_host
 from ..phases import announce
 from . import classifier as classifier_lib
 from . import stylegan2 as stylegan2_lib
@@ -257,10 +258,10 @@ class VisCoINTask(Task):
 
     def host_evaluate(self, state):
         """Faithfulness FF (median over the evaluation batches) at tau 0.1 / 0.2 / 0.4, at each evaluation."""
-        batches = [b["image"] for b in self.make_eval_iterator()]
+        batches = [common.all_processes(b)["image"] for b in self.make_eval_iterator()]
         if not batches:
             return {}
-        fns = viscoin_apply(self, jax.device_get(state))
+        fns = viscoin_apply(self, to_host({"params": state["params"]}))
         ff = faithfulness(batches, concepts_fn=fns.concepts_fn, head_fn=fns.head_fn, head_weight=fns.head_weight,
                           translator_fn=fns.translator_fn, synthesis_fn=fns.synthesis_fn, taus=DEFAULT_TAUS)
         return {f"ff_tau{float(t):g}": float(m) for t, m in zip(ff.taus, ff.median)}
@@ -360,10 +361,11 @@ def final_evaluation(task: VisCoINTask, state, max_batches: int | None = None) -
     cfg = task.config
     if max_batches is None:
         max_batches = int(cfg.eval.get("final_batches", 4))
-    batches = list(common.eval_batches(cfg, max_batches=_max_batches(max_batches)))
+    # every process's examples on every process: each computes the same numbers from all of them
+    batches = [common.all_processes(b) for b in common.eval_batches(cfg, max_batches=_max_batches(max_batches))]
     if not batches:
         raise ValueError("the evaluation split yielded no batches")
-    state = {"params": state["params"]}
+    state = {"params": to_host(state["params"])}
 
     @jax.jit
     def metrics(params, images, labels):
@@ -397,7 +399,7 @@ def train(config: Any, workdir: str):
     result = run_training(task, config, workdir).raise_if_preempted()
     extent = common.eval_extent(config, _max_batches(config.eval.get("final_batches", 4)))
     with announce(log, f"final evaluation on the {extent}"):
-        metrics = final_evaluation(task, jax.device_get(result.state["task"]))
+        metrics = final_evaluation(task, result.state["task"])
     metrics["step"] = result.step
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:

@@ -5,7 +5,9 @@ A checkpoint is one step directory `<workdir>/checkpoints/<step>/` with four ite
   every process and restorable onto any mesh by passing target shardings;
 - `data`: the data iterator position, one JSON file per process (`get_state()` of a grain
   iterator, or of any iterator with `get_state`/`set_state`), so a resumed run sees the same
-  batches as an uninterrupted one;
+  batches as an uninterrupted one; a run resumed by another number of processes takes the saved
+  position when every saving process holds the same one (the pipeline's positions count global
+  batches);
 - `config`: the run's config as JSON;
 - `metadata`: what is needed to rebuild the models without the training code (e.g. for
   `viscoin-jax explain`), supplied by the task.
@@ -35,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from ..data.pipeline import STATE_LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +75,70 @@ def _process_file(directory: Path) -> Path:
     return Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+def _read_data_state(path: Path) -> Any:
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt data-iterator state {path}: {e}") from None
+    return _decode_data_state(payload, path)
+
+
+def _saved_device_count(path: Path) -> int | None:
+    try:
+        return json.loads(path.read_text()).get("device_count")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _redistributed_data_state(directory: Path, wanted: Path) -> Any:
+    """The data position of a run saved by another number of processes. Positions count global
+    batches (`data.pipeline`), so every saving process holds the same one and it is valid for any
+    process count with the same global batch; saved positions that differ cannot be moved."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    counts = {p.name.rsplit("-of-", 1)[1].removesuffix(".json") for p in files}
+    if len(counts) != 1 or len(files) != int(next(iter(counts))):
+        raise CheckpointError(f"no data-iterator state for this process at {wanted} and no complete "
+                              f"set from another process count (found {[p.name for p in files]})")
+    states = [_read_data_state(p) for p in files]
+    saved_devices = _saved_device_count(files[0])
+    if not (isinstance(states[0], dict) and states[0].get("layout") == STATE_LAYOUT):
+        raise CheckpointError(
+            f"the data positions in {directory} do not count global batches (another iterator, or "
+            f"saved before they did): they fit only the {len(files)} processes that saved them; "
+            f"resume with {len(files)}")
+    if any(state != states[0] for state in states[1:]):
+        raise CheckpointError(
+            f"the data positions in {directory} differ between the {len(files)} processes that "
+            f"saved them: they cannot be redistributed over {jax.process_count()} processes; "
+            f"resume with {len(files)}")
+    if jax.process_index() == 0:
+        log.warning("checkpoint saved by %d processes (%s devices), resumed by %d (%d devices): the "
+                    "state is resharded and the data position (the same global batch on every "
+                    "saving process) continues on each of the %d", len(files),
+                    saved_devices if saved_devices is not None else "?", jax.process_count(),
+                    jax.device_count(), jax.process_count())
+    return states[0]
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves each process's iterator state (JSON-able dict or bytes) to its own JSON file."""
 
     def save(self, directory: epath.Path, args: "DataStateSave"):
         path = _process_file(Path(directory))
-        path.write_text(json.dumps(_encode_data_state(args.state)))
+        # the device count saved beside the position: a resume on another one is named in the log
+        path.write_text(json.dumps(dict(_encode_data_state(args.state), device_count=jax.device_count())))
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
         path = _process_file(Path(directory))
         if not path.is_file():
-            found = sorted(p.name for p in Path(directory).glob("process_*.json"))
-            raise CheckpointError(f"no data-iterator state for this process at {path} (found "
-                                  f"{found}; was the run saved with another process count?)")
-        try:
-            payload = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"corrupt data-iterator state {path}: {e}") from None
-        return _decode_data_state(payload, path)
+            return _redistributed_data_state(Path(directory), path)
+        state = _read_data_state(path)
+        saved = _saved_device_count(path)
+        if saved is not None and saved != jax.device_count() and jax.process_index() == 0:
+            log.warning("checkpoint saved on %d devices, resumed on %d (the state is resharded; "
+                        "StyleGAN2's minibatch-std groups follow the device count)", saved,
+                        jax.device_count())
+        return state
 
     def metadata(self, directory: epath.Path) -> None:
         return None

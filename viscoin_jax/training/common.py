@@ -12,7 +12,7 @@ import importlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +21,7 @@ import optax
 from ..data import pipeline, sources
 from . import mesh as mesh_lib
 from .loop import restore_run
+from .monitor import to_host
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,48 @@ def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None =
         if max_batches is not None and i >= max_batches:
             return
         yield batch
+
+
+def state_mesh(state: Any):
+    """The mesh an evaluation of `state` runs on: the mesh of its first `NamedSharding` leaf (the
+    training mesh of a just-trained state); for a host or one-device state, this process's first
+    device when one process runs, else every device of every process (data parallel)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    if jax.process_count() == 1:
+        return mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
+    return mesh_lib.make_mesh({"data": -1, "fsdp": 1})
+
+
+def evaluate_batches(fn, state: Any, batches) -> Iterator[Any]:
+    """Runs the jittable `fn(state, batch)` on global batches assembled from every process's local
+    batches (`batches`: this process's part of each, as from `eval_batches`); yields its outputs as
+    numpy on every process, all processes' rows in global order (have `fn` return the labels too
+    when they are needed).
+
+    The state stays where it is when it lives on a mesh (sharded or replicated, across processes
+    too); a host state is replicated over `state_mesh(state)`. Each evaluation example is thus
+    computed once, on the device that holds it, and gathered once."""
+    mesh = state_mesh(state)
+    if not any(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+               for x in jax.tree.leaves(state)):
+        state = jax.device_put(to_host(state), mesh_lib.replicated(mesh))
+    jitted = jax.jit(fn)
+    for local in batches:
+        batch = mesh_lib.make_global_batch(local, mesh)
+        with jax.set_mesh(mesh):
+            out = jitted(state, batch)
+        yield to_host(out)
+
+
+def all_processes(batch: Any) -> Any:
+    """Every process's rows of a batch (numpy, global order) on every process; the batch itself
+    when one process runs. For evaluations that need all examples on the host."""
+    if jax.process_count() == 1:
+        return batch
+    return to_host(mesh_lib.make_global_batch(batch, mesh_lib.make_mesh({"data": -1, "fsdp": 1})))
 
 
 def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
