@@ -22,6 +22,7 @@ from ..models.registry import classifier_spec, layer_order
 from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
+from .activations import add_activation_views
 from .bundles import ClassifierBundle
 from .factor_changes import measured_changes
 from .report import save_arrays
@@ -98,6 +99,7 @@ def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Pat
     return summary
 
 
+ACTIVATION_TRAINING_IMAGES = 256  # the images searched for each channel's top activations
 DELETION_BASELINE = "image_median"
 # i-ResNet counterfactuals: the class-mean move goes on until the head gives the target this
 # probability (past the boundary), at most this many times the distance between the class means.
@@ -198,6 +200,10 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
     if "iresnet_counterfactual" in methods:
         summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant))
+    if "activations" in methods:
+        train_x, _ = bundle.training_images(ACTIVATION_TRAINING_IMAGES, "train")
+        summary.update(add_activation_views(report, out, jax.jit(lambda x: feats_fn(x)[0]), data["images"], train_x,
+                                            subject="f"))
     report.add_metrics(summary, title="Summary")
     return summary
 

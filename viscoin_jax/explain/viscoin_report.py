@@ -30,6 +30,7 @@ from ..metrics import viscoin_metrics
 from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
 from . import methods as registry
+from .activations import add_activation_views
 from .bundles import VisCoINBundle
 from .factor_changes import measured_changes
 from .report import Report, save_arrays
@@ -127,6 +128,11 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
             arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
         save_arrays(out, "concepts", **arrays)
         log.info("concepts: %.1fs", time.perf_counter() - t0)
+
+    if "concept_activations" in methods:
+        train_act, _ = bundle.training_images(settings.num_training_images, "train")
+        summary.update(add_activation_views(report, out, jax.jit(lambda x: {"phi": fns.concepts_fn(x)[0]}),
+                                            np.asarray(images), train_act, subject="concepts"))
 
     if "faithfulness" in methods:
         t0 = time.perf_counter()

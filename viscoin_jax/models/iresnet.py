@@ -354,6 +354,18 @@ class IResNet(nnx.Module):
                 x = block(x, train)
         return x
 
+    def stage_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
+        """{"stage1": ..., "stage<S>": z}: each stage's output in eval mode, for the activation maps."""
+        x = self._embed(x)
+        out = {}
+        for s, stage in enumerate(self.stages):
+            if s > 0:
+                x = squeeze(x)
+            for block in stage:
+                x = block(x, False)
+            out[f"stage{s + 1}"] = x
+        return out
+
     def head(self, z: jax.Array, train: bool = False) -> jax.Array:
         """z -> logits: BN -> ReLU -> global average pool -> linear (not invertible)."""
         z = self._check(z, self.z_shape, "z")

@@ -171,6 +171,8 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
 def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
     """The callables the classifier explanations take (frozen weights, inference mode)."""
 
+    invertible_model = classifier_spec(task.config.model.name).invertible
+
     def functions_of(params):
         model = task.model(dict(state, params=params))
 
@@ -178,6 +180,9 @@ def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
             return classifier_logits(model, images, train=False)
 
         def features_and_logits_fn(images):
+            if invertible_model:  # i-ResNet: its stage outputs (the last is z) for the activation maps
+                stages = model.stage_outputs(images)
+                return stages, model.head(stages[list(stages)[-1]])
             out = model(images, train=False)
             return (out[1], out[0]) if isinstance(out, tuple) else ({}, out)
 
