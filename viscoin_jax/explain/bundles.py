@@ -26,6 +26,15 @@ class InvertibleFunctions(NamedTuple):
     inverse: Callable
 
 
+class BoundaryView(NamedTuple):
+    """Features a decision-boundary plane is drawn in, and the part of f that decides from them."""
+
+    name: str  # "penultimate" or "z"
+    features_fn: Callable  # images -> features [N, ...]
+    head_fn: Callable  # features -> logits [N, C]
+    decode_fn: Callable | None = None  # features -> images, where invertible (the i-ResNet's z)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierBundle:
     """A trained classifier f for the attribution methods, the sanity check and the i-ResNet counterfactuals."""
@@ -35,6 +44,7 @@ class ClassifierBundle:
     functions_of: Callable[[Any], tuple[ClassifierFn, FeaturesAndLogitsFn]]  # params -> (logits fn, features fn)
     training_images: TrainingImagesFn
     invertible: InvertibleFunctions | None = None  # i-ResNets only
+    boundary_views: tuple[BoundaryView, ...] = ()  # the decision-boundary view's feature spaces
 
     @property
     def classifier_fn(self) -> ClassifierFn:
@@ -80,5 +90,6 @@ class LatentModels:
     init_ws_fn: Callable | None = None  # images -> ws: a warm start (VisCoIN's translator)
 
 
-__all__ = ["ClassifierFn", "FeaturesAndLogitsFn", "TrainingImagesFn", "InvertibleFunctions", "ClassifierBundle",
+__all__ = ["ClassifierFn", "FeaturesAndLogitsFn", "TrainingImagesFn", "InvertibleFunctions", "BoundaryView",
+           "ClassifierBundle",
            "VisCoINFunctions", "VisCoINBundle", "LatentModels"]

@@ -24,6 +24,7 @@ from . import iresnet_counterfactual as icf
 from . import methods as registry
 from .activations import add_activation_views
 from .bundles import ClassifierBundle
+from .decision_boundary import add_decision_boundary_view
 from .factor_changes import measured_changes
 from .report import save_arrays
 
@@ -100,6 +101,7 @@ def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Pat
 
 
 ACTIVATION_TRAINING_IMAGES = 256  # the images searched for each channel's top activations
+BOUNDARY_TRAINING_IMAGES = 512  # the images the decision-boundary plane is fitted on
 DELETION_BASELINE = "image_median"
 # i-ResNet counterfactuals: the class-mean move goes on until the head gives the target this
 # probability (past the boundary), at most this many times the distance between the class means.
@@ -198,17 +200,27 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         if not maps:
             raise ValueError("deletion_insertion needs an attribution method in --methods")
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
+    counterfactual_sets: dict = {}  # method -> (counterfactual images, targets), for the boundary view
     if "iresnet_counterfactual" in methods:
-        summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant))
+        summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant, collect=counterfactual_sets))
     if "activations" in methods:
         train_x, _ = bundle.training_images(ACTIVATION_TRAINING_IMAGES, "train")
         summary.update(add_activation_views(report, out, jax.jit(lambda x: feats_fn(x)[0]), data["images"], train_x,
                                             subject="f"))
+    if "decision_boundary" in methods:
+        if not bundle.boundary_views:
+            raise ValueError(f"decision_boundary: the {bundle.architecture!r} classifier names no penultimate features")
+        train_x, train_y = bundle.training_images(BOUNDARY_TRAINING_IMAGES, "train")
+        labels = data["labels"] if data["labels"] is not None else pred
+        for view in bundle.boundary_views:
+            summary.update(add_decision_boundary_view(report, out, view, train_x, train_y, data["images"], labels,
+                                                      counterfactual_sets, subject="f"))
     report.add_metrics(summary, title="Summary")
     return summary
 
 
-def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, variant: str | None = None) -> dict:
+def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, variant: str | None = None,
+                             collect: dict | None = None) -> dict:
     if bundle.invertible is None:
         raise ValueError("iresnet_counterfactual needs an i-ResNet checkpoint, got a "
                          f"{bundle.architecture!r} classifier")
@@ -225,6 +237,8 @@ def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, 
                                  method="closed_form", means=means, source=pred, max_alpha=IRESNET_MAX_ALPHA,
                                  confidence=IRESNET_CONFIDENCE)
     cfs = np.asarray(result.images)
+    if collect is not None:
+        collect["i-ResNet"] = (cfs, target)
     save_arrays(out, "iresnet_counterfactual", images=data["images"], counterfactuals=cfs, target=target,
                 alpha=np.asarray(result.amount), target_prob=np.asarray(result.target_prob),
                 latent_drift=np.asarray(result.latent_drift))

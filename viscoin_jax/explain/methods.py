@@ -38,6 +38,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("deletion_insertion", CLASSIFIER, _ALL_CLASSIFIERS,
            "RISE deletion / insertion AUC of the attribution methods asked for, and of a random map"),
     Method("iresnet_counterfactual", CLASSIFIER, (IRESNET,), "counterfactuals by moving z between class means"),
+    Method("decision_boundary", CLASSIFIER, _ALL_CLASSIFIERS,
+           "held-out points and counterfactuals on the plane of the class-mean difference and the top "
+           "principal direction of f's penultimate features (and the i-ResNet's z)"),
     Method("activations", CLASSIFIER, _ALL_CLASSIFIERS,
            "each stage's most active channels, and each channel's top-activating training images"),
     Method("concepts", CONCEPTS, (VISCOIN,), "relevant concepts, their drawings and top-activating images"),

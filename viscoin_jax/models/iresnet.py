@@ -368,9 +368,12 @@ class IResNet(nnx.Module):
 
     def head(self, z: jax.Array, train: bool = False) -> jax.Array:
         """z -> logits: BN -> ReLU -> global average pool -> linear (not invertible)."""
+        return self.head_fc(self.pool(z, train))
+
+    def pool(self, z: jax.Array, train: bool = False) -> jax.Array:
+        """z -> the penultimate vector the linear layer reads: BN -> ReLU -> global average pool."""
         z = self._check(z, self.z_shape, "z")
-        h = jax.nn.relu(self.head_bn(z, use_running_average=not train))
-        return self.head_fc(jnp.mean(h, axis=(1, 2)))
+        return jnp.mean(jax.nn.relu(self.head_bn(z, use_running_average=not train)), axis=(1, 2))
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.head(self.forward(x, train), train)

@@ -1,0 +1,74 @@
+"""`viscoin-jax explain` with the activation and decision-boundary views on tiny ResNet and i-ResNet
+checkpoints: the saved channels are each image's most active ones (recomputed from the restored
+model), the boundary view's held-out fraction is recomputed from its saved points."""
+
+import json
+
+import numpy as np
+import pytest
+
+from viscoin_jax.cli.explain import explain
+from viscoin_jax.trainers import classifier
+from viscoin_jax.training.common import restore_task_state
+from viscoin_jax.training.config import load_config
+from viscoin_jax.training.loop import run_training
+
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+
+TINY = ["--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_every=0",
+        "--config.checkpoint.every=2", "--config.checkpoint.async_save=False", "--config.data.synthetic_size=64"]
+
+
+def _train(tmp_path_factory, variant, extra):
+    workdir = tmp_path_factory.mktemp(variant)
+    config = load_config(f"configs/classifier_synthetic.py:{variant}", TINY + extra)
+    run_training(classifier.make_task(config), config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    return _train(tmp_path_factory, "resnet", ["--config.model.width=4"])
+
+
+@pytest.fixture(scope="module")
+def iresnet(tmp_path_factory):
+    return _train(tmp_path_factory, "iresnet", ["--config.model.blocks_per_stage=(1, 1)"])
+
+
+def _images(n=5):
+    from viscoin_jax.cli.explain import load_images
+    return load_images(f"synthetic/blob_binary:test:{n}", 32)
+
+
+def test_resnet_activations_and_boundary(resnet, tmp_path):
+    out = tmp_path / "r"
+    explain(str(resnet), "synthetic/blob_binary:test:5", ["activations", "decision_boundary"], str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    task, state, _, _ = restore_task_state(str(resnet))
+    model = task.model(state)
+    feats = model(_images()["images"], train=False)[1]
+    with np.load(out / "activations_f.npz") as saved:
+        for name in ("stage1", "stage4"):
+            scores = np.asarray(feats[name], np.float64).mean(axis=(1, 2))
+            chosen = saved[f"{name}_channels"]
+            k = chosen.shape[1]
+            np.testing.assert_allclose(np.take_along_axis(scores, chosen, 1), -np.sort(-scores, 1)[:, :k],
+                                       rtol=1e-5, atol=1e-6)
+    with np.load(out / "decision_boundary_penultimate.npz") as saved:
+        side = np.where(saved["points"][:, 0] < 0, saved["classes"][0], saved["classes"][1])
+        assert metrics["f boundary (penultimate): held-out points on their class's side"] == pytest.approx(
+            np.mean(side == saved["labels"]))
+
+
+def test_iresnet_boundary_in_z_with_its_counterfactuals(iresnet, tmp_path):
+    out = tmp_path / "i"
+    explain(str(iresnet), "synthetic/blob_binary:test:4",
+            ["iresnet_counterfactual", "activations", "decision_boundary"], str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "f boundary (z): i-ResNet counterfactuals ending on the target's side" in metrics
+    with np.load(out / "decision_boundary_z.npz") as saved:
+        assert saved["class_axis_images"].shape == (9, 32, 32, 3)
+        assert saved["ends_i-ResNet"].shape == (4, 2)
+    with np.load(out / "activations_f.npz") as saved:
+        assert {"stage1_channels", "stage2_channels"} <= set(saved.files)
