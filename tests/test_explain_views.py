@@ -72,3 +72,34 @@ def test_iresnet_boundary_in_z_with_its_counterfactuals(iresnet, tmp_path):
         assert saved["ends_i-ResNet"].shape == (4, 2)
     with np.load(out / "activations_f.npz") as saved:
         assert {"stage1_channels", "stage2_channels"} <= set(saved.files)
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    from viscoin_jax.trainers import autoencoder as trainer
+
+    workdir = tmp_path_factory.mktemp("ae")
+    config = load_config("autoencoder_synthetic", TINY + ["--config.eval.batch_size=8", "--config.eval.max_batches=1"])
+    trainer.train(config, str(workdir))
+    return workdir
+
+
+def test_autoencoder_counterfactuals_on_the_boundary(resnet, autoencoder, tmp_path):
+    out = tmp_path / "a"
+    explain(str(resnet), "synthetic/blob_binary:test:5", ["autoencoder_counterfactual", "decision_boundary"],
+            str(out), autoencoder=str(autoencoder))
+    metrics = json.loads((out / "metrics.json").read_text())
+    task, state, _, _ = restore_task_state(str(resnet))
+    model = task.model(state)
+    with np.load(out / "autoencoder_counterfactual.npz") as saved:
+        cfs, target, x = saved["counterfactuals"], saved["target"], saved["images"]
+        pred = np.asarray(model(cfs, train=False)[0]).argmax(-1)
+        np.testing.assert_array_equal(saved["valid"], pred == target)
+        assert metrics["autoencoder counterfactual validity"] == pytest.approx(np.mean(pred == target))
+        assert metrics["autoencoder counterfactual L1"] == pytest.approx(
+            np.mean(np.abs(cfs.astype(np.float64) - x)), rel=1e-5)
+        np.testing.assert_array_equal(target, 1 - np.asarray(model(x, train=False)[0]).argmax(-1))
+    assert "autoencoder counterfactuals changing a causal factor" in metrics
+    assert "f boundary (penultimate): autoencoder counterfactuals ending on the target's side" in metrics
+    with pytest.raises(ValueError, match="--autoencoder"):
+        explain(str(resnet), "synthetic/blob_binary:test:5", ["autoencoder_counterfactual"], str(tmp_path / "b"))

@@ -113,7 +113,8 @@ def _variant(images: str) -> str | None:
 
 
 def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None,
-            generator: str | None = None, latent_settings=None, concept_settings=None) -> Path:
+            generator: str | None = None, latent_settings=None, concept_settings=None,
+            autoencoder: str | None = None) -> Path:
     """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays.
 
     A classifier checkpoint takes the attribution methods, the i-ResNet counterfactual and, given a
@@ -138,7 +139,15 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     offers = {registry.VISCOIN} if config.trainer == "viscoin" else {str(config.model.name)}
     if generator and config.trainer == "classifier":
         offers.add(registry.WITH_GENERATOR)
+    if autoencoder:
+        offers.add(registry.WITH_AUTOENCODER)
     groups = registry.check_request(list(methods), offers)
+    autoencoder_fns = None
+    if autoencoder and "autoencoder_counterfactual" in methods:
+        from ..trainers import autoencoder as autoencoder_trainer
+
+        ae_task, ae_state, _ = autoencoder_trainer.load(autoencoder)
+        autoencoder_fns = autoencoder_trainer.autoencoder_functions(ae_task, ae_state)
     resolution = int(config.data.resolution)
     if images.startswith("dataset:"):  # dataset:<split>[:N]: the run's own data set (TFDS, folders, ...)
         parts = images.split(":")
@@ -163,7 +172,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
                 bundle = classifier_trainer.explanation_bundle(f_task, f_state)
             else:
                 bundle = classifier_trainer.explanation_bundle(task, state)
-            summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant))
+            summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant,
+                                              autoencoder=autoencoder_fns))
         elif group == registry.CONCEPTS:
             summary.update(explain_viscoin(viscoin_trainer.explanation_bundle(task, state), data, names, report,
                                            out_dir, concept_settings or ConceptSettings(), variant=variant))
@@ -191,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
 
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
         explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
-                latent_settings=latent)
+                latent_settings=latent, autoencoder=args.autoencoder)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
         return 2
@@ -211,6 +221,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--count", type=int, default=None, help="use at most this many images")
     p.add_argument("--generator", default=None,
                    help="a stylegan2 run for the latent methods on a classifier checkpoint")
+    p.add_argument("--autoencoder", default=None,
+                   help="an autoencoder run for autoencoder_counterfactual (on f of any checkpoint)")
     p.add_argument("--projection-steps", type=int, default=300, help="W+ projection steps per image batch")
     p.add_argument("--direction-samples", type=int, default=512,
                    help="generated samples the logistic-regression direction is fitted on")

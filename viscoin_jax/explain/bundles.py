@@ -55,6 +55,15 @@ class ClassifierBundle:
         return self.functions_of(self.params)[1]
 
 
+class AutoencoderFunctions(NamedTuple):
+    """A trained autoencoder (weights closed over): the counterfactuals move its code."""
+
+    encode_fn: Callable  # images [N, R, R, 3] in [-1, 1] -> codes [N, code_dim]
+    decode_fn: Callable  # codes -> images
+    code_dim: int
+    training_images: TrainingImagesFn  # its run's data: the class means in code space come from it
+
+
 class VisCoINFunctions(NamedTuple):
     """Pure functions of a trained VisCoIN (weights closed over; jit them as you like)."""
 
@@ -92,4 +101,4 @@ class LatentModels:
 
 __all__ = ["ClassifierFn", "FeaturesAndLogitsFn", "TrainingImagesFn", "InvertibleFunctions", "BoundaryView",
            "ClassifierBundle",
-           "VisCoINFunctions", "VisCoINBundle", "LatentModels"]
+           "AutoencoderFunctions", "VisCoINFunctions", "VisCoINBundle", "LatentModels"]

@@ -23,7 +23,8 @@ from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
 from .activations import add_activation_views
-from .bundles import ClassifierBundle
+from .autoencoder_report import autoencoder_counterfactuals
+from .bundles import AutoencoderFunctions, ClassifierBundle
 from .decision_boundary import add_decision_boundary_view
 from .factor_changes import measured_changes
 from .report import save_arrays
@@ -158,8 +159,9 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
 
 
 def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Path, *, key: int = 0,
-                       variant: str | None = None) -> dict:
-    """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics."""
+                       variant: str | None = None, autoencoder: AutoencoderFunctions | None = None) -> dict:
+    """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics.
+    `autoencoder` (a trained one's functions) is needed by autoencoder_counterfactual."""
     classifier_fn, feats_fn = bundle.functions_of(bundle.params)
     images = jnp.asarray(data["images"])
     logits = np.asarray(jax.jit(classifier_fn)(images))
@@ -203,6 +205,11 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
     counterfactual_sets: dict = {}  # method -> (counterfactual images, targets), for the boundary view
     if "iresnet_counterfactual" in methods:
         summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant, collect=counterfactual_sets))
+    if "autoencoder_counterfactual" in methods:
+        if autoencoder is None:
+            raise ValueError("autoencoder_counterfactual needs an autoencoder run (--autoencoder)")
+        summary.update(autoencoder_counterfactuals(classifier_fn, autoencoder, data, report, out, variant,
+                                                   collect=counterfactual_sets))
     if "activations" in methods:
         train_x, _ = bundle.training_images(ACTIVATION_TRAINING_IMAGES, "train")
         summary.update(add_activation_views(report, out, jax.jit(lambda x: feats_fn(x)[0]), data["images"], train_x,

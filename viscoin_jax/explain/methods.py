@@ -9,10 +9,12 @@ import dataclasses
 
 # what a checkpoint offers: its classifier's architecture or a VisCoIN run, and a generator when
 # `--generator` names a StyleGAN2 run for a classifier checkpoint
-RESNET, IRESNET, VISCOIN, WITH_GENERATOR = "resnet", "iresnet", "viscoin", "generator"
-KINDS = (RESNET, IRESNET, VISCOIN, WITH_GENERATOR)
+# `--generator` names a StyleGAN2 run for a classifier checkpoint; `--autoencoder` an autoencoder run
+RESNET, IRESNET, VISCOIN, WITH_GENERATOR, WITH_AUTOENCODER = "resnet", "iresnet", "viscoin", "generator", "autoencoder"
+KINDS = (RESNET, IRESNET, VISCOIN, WITH_GENERATOR, WITH_AUTOENCODER)
 LABELS = {RESNET: "a ResNet classifier", IRESNET: "an i-ResNet classifier", VISCOIN: "a VisCoIN run",
-          WITH_GENERATOR: "a classifier with --generator <a stylegan2 run>"}
+          WITH_GENERATOR: "a classifier with --generator <a stylegan2 run>",
+          WITH_AUTOENCODER: "a classifier or VisCoIN run with --autoencoder <an autoencoder run>"}
 # method groups: the report module that runs them
 CLASSIFIER, CONCEPTS, LATENT = "classifier", "concepts", "latent"
 
@@ -41,6 +43,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("decision_boundary", CLASSIFIER, _ALL_CLASSIFIERS,
            "held-out points and counterfactuals on the plane of the class-mean difference and the top "
            "principal direction of f's penultimate features (and the i-ResNet's z)"),
+    Method("autoencoder_counterfactual", CLASSIFIER, (WITH_AUTOENCODER,),
+           "counterfactuals by moving an autoencoder's code between class means until f decides the other class"),
     Method("activations", CLASSIFIER, _ALL_CLASSIFIERS,
            "each stage's most active channels, and each channel's top-activating training images"),
     Method("concepts", CONCEPTS, (VISCOIN,), "relevant concepts, their drawings and top-activating images"),
@@ -71,7 +75,8 @@ def check_request(methods, offers) -> dict[str, list[str]]:
     for m in methods:
         if not offers & set(METHODS[m].kinds):
             have = " ".join([LABELS[k] for k in (RESNET, IRESNET, VISCOIN) if k in offers]
-                            + (["with --generator"] if WITH_GENERATOR in offers else []))
+                            + (["with --generator"] if WITH_GENERATOR in offers else [])
+                            + (["with --autoencoder"] if WITH_AUTOENCODER in offers else []))
             need = " or ".join(LABELS[k] for k in METHODS[m].kinds)
             raise ValueError(f"{m} does not apply to {have}; it needs {need}")
     groups: dict[str, list[str]] = {}
@@ -89,5 +94,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "CLASSIFIER", "CONCEPTS",
+__all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "WITH_AUTOENCODER",
+           "CLASSIFIER", "CONCEPTS",
            "LATENT", "names", "check_request", "help_text"]
