@@ -64,8 +64,12 @@ def test_resnet_activations_and_boundary(resnet, tmp_path):
 def test_iresnet_boundary_in_z_with_its_counterfactuals(iresnet, tmp_path):
     out = tmp_path / "i"
     explain(str(iresnet), "synthetic/blob_binary:test:4",
-            ["iresnet_counterfactual", "activations", "decision_boundary"], str(out))
+            ["iresnet_counterfactual", "activations", "decision_boundary", "counterfactual_comparison"], str(out))
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["i-ResNet (z between class means): validity"] == pytest.approx(
+        metrics["i-ResNet counterfactual validity"])
+    assert metrics["i-ResNet (z between class means): L1 to the input"] == pytest.approx(
+        metrics["i-ResNet counterfactual L1"], rel=1e-5)
     assert "f boundary (z): i-ResNet counterfactuals ending on the target's side" in metrics
     with np.load(out / "decision_boundary_z.npz") as saved:
         assert saved["class_axis_images"].shape == (9, 32, 32, 3)
@@ -86,9 +90,15 @@ def autoencoder(tmp_path_factory):
 
 def test_autoencoder_counterfactuals_on_the_boundary(resnet, autoencoder, tmp_path):
     out = tmp_path / "a"
-    explain(str(resnet), "synthetic/blob_binary:test:5", ["autoencoder_counterfactual", "decision_boundary"],
+    explain(str(resnet), "synthetic/blob_binary:test:5", ["autoencoder_counterfactual", "decision_boundary",
+                                                           "counterfactual_comparison"],
             str(out), autoencoder=str(autoencoder))
     metrics = json.loads((out / "metrics.json").read_text())
+    name = "autoencoder (code between class means)"
+    assert metrics[f"{name}: changing a causal factor"] == pytest.approx(
+        metrics["autoencoder counterfactuals changing a causal factor"])
+    assert metrics[f"{name}: L1 to its own rendering"] == pytest.approx(
+        metrics["autoencoder counterfactual L1 to the reconstruction"], rel=1e-5)
     task, state, _, _ = restore_task_state(str(resnet))
     model = task.model(state)
     with np.load(out / "autoencoder_counterfactual.npz") as saved:

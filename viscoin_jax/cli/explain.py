@@ -162,6 +162,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
                               f"methods {', '.join(methods)}")
     summary: dict = {}
     titles = {registry.CLASSIFIER: "attributions", registry.CONCEPTS: "VisCoIN concepts", registry.LATENT: "latent"}
+    comparison = groups.pop(registry.COMPARISON, None)  # drawn last, from what the other methods saved
     for i, (group, names) in enumerate(groups.items(), 1):
         t0 = time.perf_counter()
         log.info("[%d/%d] %s: %s", i, len(groups), titles[group], ", ".join(names))
@@ -186,6 +187,10 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
             summary.update(explain_latent(models, data, names, report, out_dir, latent_settings or LatentSettings(),
                                           variant=variant))
         log.info("[%d/%d] %s done in %.1fs", i, len(groups), titles[group], time.perf_counter() - t0)
+    if comparison:
+        from ..explain.counterfactual_comparison import add_comparison
+
+        summary.update(add_comparison(report, [out_dir], variant, methods=list(methods)))
     report.add_metrics(summary, title="All metrics")
     (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -247,6 +247,7 @@ def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, 
     if collect is not None:
         collect["i-ResNet"] = (cfs, target)
     save_arrays(out, "iresnet_counterfactual", images=data["images"], counterfactuals=cfs, target=target,
+                valid=np.asarray(result.valid),
                 alpha=np.asarray(result.amount), target_prob=np.asarray(result.target_prob),
                 latent_drift=np.asarray(result.latent_drift))
     report.add_image_grid(f"i-ResNet counterfactuals (to the other class, aimed at p >= {IRESNET_CONFIDENCE:g})",

@@ -17,12 +17,13 @@ LABELS = {RESNET: "a ResNet classifier", IRESNET: "an i-ResNet classifier", VISC
           WITH_AUTOENCODER: "a classifier or VisCoIN run with --autoencoder <an autoencoder run>"}
 # method groups: the report module that runs them
 CLASSIFIER, CONCEPTS, LATENT = "classifier", "concepts", "latent"
+COMPARISON = "comparison"  # runs after the others, on what they saved (explain.counterfactual_comparison)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    group: str  # CLASSIFIER (explain.classifier_report), CONCEPTS (viscoin_report) or LATENT (latent_report)
+    group: str  # CLASSIFIER (explain.classifier_report), CONCEPTS (viscoin_report), LATENT (latent_report), COMPARISON
     kinds: tuple[str, ...]  # checkpoints it explains (on a VisCoIN run, the classifier methods explain its f)
     summary: str
     attribution: bool = False  # produces a pixel map that sanity_check and deletion_insertion judge
@@ -56,6 +57,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "W+ projection, logistic-regression direction to the other class, counterfactual series"),
     Method("latent_interpolation", LATENT, (VISCOIN, WITH_GENERATOR),
            "integrated gradients along the latent path from the projection to the counterfactual"),
+    Method("counterfactual_comparison", COMPARISON, _ALL_CLASSIFIERS,
+           "one table of the counterfactual methods run here (latent direction, concept removal, i-ResNet, "
+           "autoencoder) on the same images: validity, L1, factors changed"),
 )}
 
 
@@ -95,5 +99,5 @@ def help_text() -> str:
 
 
 __all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "WITH_AUTOENCODER",
-           "CLASSIFIER", "CONCEPTS",
+           "CLASSIFIER", "CONCEPTS", "COMPARISON",
            "LATENT", "names", "check_request", "help_text"]

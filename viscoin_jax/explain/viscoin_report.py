@@ -117,6 +117,10 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                       reconstructions=reconstruction, class_relevance=class_rel, class_counts=counts,
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
+        arrays["images"] = np.asarray(images)
+        if 0.0 in lambdas:  # f's class of each image once its top concept is removed (the comparison's validity)
+            arrays["top_concept_removed_f_predictions"] = np.asarray(
+                jax.jit(fns.classifier_fn)(jnp.asarray(drawings[:, 0, lambdas.index(0.0)]))).argmax(-1)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             rows, changes = measured_changes(
