@@ -82,13 +82,16 @@ def test_sets_read_back_from_the_saved_arrays(tmp_path):
     a, b = tmp_path / "viscoin", tmp_path / "iresnet"
     a.mkdir(), b.mkdir()
     valid = rng.random(n) < 0.5
-    np.savez(a / "latent_direction.npz", images=x, counterfactuals=img(), projections=img(), valid=valid)
+    target = rng.integers(0, 2, n)
+    np.savez(a / "latent_direction.npz", images=x, counterfactuals=img(), projections=img(), valid=valid,
+             target=target)
     drawings = rng.uniform(-1, 1, (n, 2, 3, 8, 8, 3)).astype(np.float32)
     f_pred, removed_pred = rng.integers(0, 2, n), rng.integers(0, 2, n)
     np.savez(a / "concepts.npz", images=x, drawings=drawings, lambdas=np.array([1.0, 0.0, 2.0]),
              f_predictions=f_pred, top_concept_removed_f_predictions=removed_pred)
-    np.savez(b / "iresnet_counterfactual.npz", images=x, counterfactuals=img(), valid=~valid)
-    np.savez(a / "autoencoder_counterfactual.npz", images=x, counterfactuals=img(), reconstructions=img(), valid=valid)
+    np.savez(b / "iresnet_counterfactual.npz", images=x, counterfactuals=img(), valid=~valid, target=1 - target)
+    np.savez(a / "autoencoder_counterfactual.npz", images=x, counterfactuals=img(), reconstructions=img(), valid=valid,
+             target=target)
     sets = cmp.counterfactual_sets([b, a])
     assert [s.method.split(" ")[0] for s in sets] == ["StyleGAN", "VisCoIN", "i-ResNet", "autoencoder"]
     concept = sets[1]
@@ -96,6 +99,8 @@ def test_sets_read_back_from_the_saved_arrays(tmp_path):
     np.testing.assert_array_equal(concept.rendering, drawings[:, 0, 0])  # lambda 1: the plain drawing
     np.testing.assert_array_equal(concept.valid, removed_pred != f_pred)
     assert sets[2].judge == "i-ResNet (iresnet)" and np.array_equal(sets[2].valid, ~valid)
+    np.testing.assert_array_equal(sets[2].target, 1 - target)
+    assert concept.target is None  # concept removal names no class to reach
     only = cmp.counterfactual_sets([a, b], methods=["iresnet_counterfactual"])
     assert [s.method.split(" ")[0] for s in only] == ["i-ResNet"]
     report = Report("t")

@@ -113,3 +113,27 @@ def test_autoencoder_counterfactuals_on_the_boundary(resnet, autoencoder, tmp_pa
     assert "f boundary (penultimate): autoencoder counterfactuals ending on the target's side" in metrics
     with pytest.raises(ValueError, match="--autoencoder"):
         explain(str(resnet), "synthetic/blob_binary:test:5", ["autoencoder_counterfactual"], str(tmp_path / "b"))
+
+
+def test_other_methods_counterfactuals_on_the_boundary(resnet, tmp_path):
+    """The latent direction's saved counterfactuals (here: random stand-ins) reach f's boundary view."""
+    from viscoin_jax.cli.explain import _latent_counterfactuals
+    from viscoin_jax.explain.classifier_report import explain_classifier
+    from viscoin_jax.explain.report import Report
+
+    data = _images(5)
+    rng = np.random.default_rng(8)
+    cfs = rng.uniform(-1, 1, data["images"].shape).astype(np.float32)
+    target = rng.integers(0, 2, 5)
+    np.savez(tmp_path / "latent_direction.npz", images=data["images"], counterfactuals=cfs,
+             projections=data["images"], valid=np.ones(5, bool), target=target)
+    extra = _latent_counterfactuals(tmp_path, ["latent_direction", "decision_boundary"])
+    assert list(extra) == ["StyleGAN latent direction"] and _latent_counterfactuals(tmp_path, ["latent_direction"]) == {}
+    task, state, _, _ = restore_task_state(str(resnet))
+    summary = explain_classifier(classifier.explanation_bundle(task, state), data, ["decision_boundary"], Report("t"),
+                                 tmp_path, counterfactuals=extra)
+    with np.load(tmp_path / "decision_boundary_penultimate.npz") as saved:
+        ends = saved["ends_StyleGAN_latent_direction"]
+        side = np.where(ends[:, 0] < 0, saved["classes"][0], saved["classes"][1])
+    key = "f boundary (penultimate): StyleGAN latent direction counterfactuals ending on the target's side"
+    assert summary[key] == pytest.approx(np.mean(side == target))

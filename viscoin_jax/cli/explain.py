@@ -163,6 +163,9 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     summary: dict = {}
     titles = {registry.CLASSIFIER: "attributions", registry.CONCEPTS: "VisCoIN concepts", registry.LATENT: "latent"}
     comparison = groups.pop(registry.COMPARISON, None)  # drawn last, from what the other methods saved
+    if "decision_boundary" in methods and registry.CLASSIFIER in groups:
+        # f's boundary view draws the other groups' counterfactuals (the latent direction's) too: they go first
+        groups[registry.CLASSIFIER] = groups.pop(registry.CLASSIFIER)
     for i, (group, names) in enumerate(groups.items(), 1):
         t0 = time.perf_counter()
         log.info("[%d/%d] %s: %s", i, len(groups), titles[group], ", ".join(names))
@@ -174,7 +177,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
             else:
                 bundle = classifier_trainer.explanation_bundle(task, state)
             summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant,
-                                              autoencoder=autoencoder_fns))
+                                              autoencoder=autoencoder_fns,
+                                              counterfactuals=_latent_counterfactuals(out_dir, methods)))
         elif group == registry.CONCEPTS:
             summary.update(explain_viscoin(viscoin_trainer.explanation_bundle(task, state), data, names, report,
                                            out_dir, concept_settings or ConceptSettings(), variant=variant))
@@ -197,6 +201,17 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     path = report.write(out_dir)
     print(f"report: {path}")
     return path
+
+
+def _latent_counterfactuals(out_dir: Path, methods) -> dict:
+    """{method: (counterfactuals, targets)} that the latent group of this call saved, for the
+    decision-boundary view of f (the latent methods explain the same f: a VisCoIN run's own, or the
+    classifier given a --generator); empty otherwise."""
+    from ..explain.counterfactual_comparison import counterfactual_sets
+
+    if "decision_boundary" not in methods or "latent_direction" not in methods:
+        return {}
+    return {s.method: (s.counterfactuals, s.target) for s in counterfactual_sets([out_dir], ["latent_direction"])}
 
 
 def main(args: argparse.Namespace) -> int:

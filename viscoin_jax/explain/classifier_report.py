@@ -159,9 +159,12 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
 
 
 def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Path, *, key: int = 0,
-                       variant: str | None = None, autoencoder: AutoencoderFunctions | None = None) -> dict:
+                       variant: str | None = None, autoencoder: AutoencoderFunctions | None = None,
+                       counterfactuals: dict | None = None) -> dict:
     """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics.
-    `autoencoder` (a trained one's functions) is needed by autoencoder_counterfactual."""
+    `autoencoder` (a trained one's functions) is needed by autoencoder_counterfactual; `counterfactuals`
+    ({method: (images, targets)} of other methods on the same images, e.g. the latent direction's)
+    are drawn on the decision boundary beside the ones made here."""
     classifier_fn, feats_fn = bundle.functions_of(bundle.params)
     images = jnp.asarray(data["images"])
     logits = np.asarray(jax.jit(classifier_fn)(images))
@@ -202,7 +205,7 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         if not maps:
             raise ValueError("deletion_insertion needs an attribution method in --methods")
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
-    counterfactual_sets: dict = {}  # method -> (counterfactual images, targets), for the boundary view
+    counterfactual_sets: dict = dict(counterfactuals or {})  # method -> (images, targets), for the boundary view
     if "iresnet_counterfactual" in methods:
         summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant, collect=counterfactual_sets))
     if "autoencoder_counterfactual" in methods:

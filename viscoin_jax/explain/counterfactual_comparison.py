@@ -30,6 +30,7 @@ class CounterfactualSet:
     counterfactuals: np.ndarray  # [N, H, W, 3]
     valid: np.ndarray  # [N] bool: the judge's decision flipped as requested
     rendering: np.ndarray | None = None  # [N, H, W, 3] the method's own version of the input, if it has one
+    target: np.ndarray | None = None  # [N] the requested class, where the method names one
 
 
 HEADER = ["method", "judged by", "images", "validity", "L1 to the input", "L1 to its own rendering"]
@@ -85,7 +86,7 @@ def counterfactual_sets(report_dirs: Sequence[str | Path], methods: Sequence[str
             with np.load(path) as a:
                 if "valid" in a:
                     sets.append(CounterfactualSet("StyleGAN latent direction", f"f ({name})", a["images"],
-                                                  a["counterfactuals"], a["valid"], a["projections"]))
+                                                  a["counterfactuals"], a["valid"], a["projections"], a["target"]))
         path = d / "concepts.npz"
         if "concepts" in methods and path.is_file():
             with np.load(path) as a:
@@ -100,12 +101,12 @@ def counterfactual_sets(report_dirs: Sequence[str | Path], methods: Sequence[str
             with np.load(path) as a:
                 if "valid" in a:
                     sets.append(CounterfactualSet("i-ResNet (z between class means)", f"i-ResNet ({name})", a["images"],
-                                                  a["counterfactuals"], a["valid"]))
+                                                  a["counterfactuals"], a["valid"], target=a["target"]))
         path = d / "autoencoder_counterfactual.npz"
         if "autoencoder_counterfactual" in methods and path.is_file():
             with np.load(path) as a:
                 sets.append(CounterfactualSet("autoencoder (code between class means)", f"f ({name})", a["images"],
-                                              a["counterfactuals"], a["valid"], a["reconstructions"]))
+                                              a["counterfactuals"], a["valid"], a["reconstructions"], a["target"]))
     order = ["StyleGAN", "VisCoIN", "i-ResNet", "autoencoder"]
     return sorted(sets, key=lambda s: next(i for i, o in enumerate(order) if s.method.startswith(o)))
 
