@@ -13,12 +13,13 @@ from ml_collections import ConfigDict
 from viscoin_jax.training.config import load_config
 
 # training steps of each stage in the demo (the stage configs' own defaults train longer)
-DEMO_STEPS = {"classifier": 150, "iresnet": 40, "stylegan2": 1200, "viscoin": 300}
+DEMO_STEPS = {"classifier": 150, "iresnet": 40, "autoencoder": 600, "stylegan2": 1200, "viscoin": 300}
 
 # stage -> packaged config name[:variant]
 STAGES = {
     "classifier": "classifier_synthetic:resnet",
     "iresnet": "classifier_synthetic:iresnet",
+    "autoencoder": "autoencoder_synthetic",  # about 45 s: the autoencoder counterfactuals of f
     "stylegan2": "stylegan2_synthetic",
     "viscoin": "viscoin_synthetic",
 }
@@ -71,13 +72,15 @@ def get_config(arg=None):
         enabled=True,
         images="synthetic/blob_binary:test:16",  # held-out images (the test split)
         count=4 if quick else 16,
-        classifier_methods=["gradient", "grad_cam", "deletion_insertion"] if quick else
+        classifier_methods=["gradient", "grad_cam", "deletion_insertion", "autoencoder_counterfactual",
+                            "decision_boundary"] if quick else
         ["gradient", "smoothgrad", "integrated_gradients", "grad_cam", "occlusion", "sanity_check",
-         "deletion_insertion"],
+         "deletion_insertion", "activations", "autoencoder_counterfactual", "decision_boundary"],
         iresnet_methods=["iresnet_counterfactual"] if quick else
-        ["gradient", "integrated_gradients", "iresnet_counterfactual"],
+        ["gradient", "integrated_gradients", "iresnet_counterfactual", "decision_boundary"],
         viscoin_methods=["concepts", "faithfulness", "latent_direction"] if quick else
-        ["concepts", "faithfulness", "consistency", "latent_direction", "latent_interpolation"],
+        ["concepts", "faithfulness", "consistency", "latent_direction", "latent_interpolation",
+         "concept_activations"],
         projection_steps=5 if quick else 40,  # W+ projection (warm-started by VisCoIN's translator)
         direction_samples=64 if quick else 512,  # generated samples for the logistic-regression direction
         num_training_images=16 if quick else 256,  # class relevance, top-activating images, CC pairs

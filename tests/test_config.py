@@ -295,7 +295,8 @@ def test_pipeline_configs_load_and_leave_links_to_the_pipeline(spec):
     from viscoin_jax.training.config import load_config as load
 
     config = load(spec, [])
-    assert list(config.stage_order) == ["classifier", "iresnet", "stylegan2", "viscoin"]
+    extra = ["autoencoder"] if "demo" in spec else []  # the demo also trains the autoencoder of its counterfactuals
+    assert list(config.stage_order) == ["classifier", "iresnet", *extra, "stylegan2", "viscoin"]
     vis = config.stages.viscoin
     assert vis.classifier_workdir == "" and vis.generator_workdir == ""  # filled with this run's stages
     assert config.stages.classifier.model.num_classes == vis.model.num_classes

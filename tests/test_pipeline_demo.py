@@ -19,7 +19,7 @@ from PIL import Image
 from viscoin_jax.cli import run as pipeline
 from viscoin_jax.training.config import load_config
 
-STAGES = ("classifier", "iresnet", "stylegan2", "viscoin")
+STAGES = ("classifier", "iresnet", "autoencoder", "stylegan2", "viscoin")
 
 
 def _cli(*args, timeout=1500):
@@ -72,6 +72,14 @@ def test_every_stage_leaves_a_checkpoint_and_the_reports_exist(demo):
     metrics = summary["explain"]["viscoin"]["metrics"]
     assert 0.0 <= metrics["latent counterfactual validity"] <= 1.0 and "FF median (tau 0.1)" in metrics
     assert "progress" in proc.stderr or "steps/s" in proc.stderr  # progress is shown
+    # one table of every counterfactual method on the same images, its L1 recomputed from the saved arrays
+    comparison = summary["counterfactual_comparison"]
+    methods = [row[0].split(" ")[0] for row in comparison["rows"]]
+    assert methods == ["StyleGAN", "VisCoIN", "i-ResNet", "autoencoder"]
+    with np.load(workdir / "report" / "classifier" / "autoencoder_counterfactual.npz") as saved:
+        l1 = np.mean(np.abs(saved["counterfactuals"].astype(np.float64) - saved["images"]))
+        assert comparison["rows"][3][comparison["header"].index("L1 to the input")] == pytest.approx(l1, rel=1e-5)
+        assert comparison["rows"][3][comparison["header"].index("validity")] == pytest.approx(np.mean(saved["valid"]))
     # every quantity of the demo's headline table is there, read from the explanations' metrics
     assert set(summary["headline"]) == set(pipeline.HEADLINE)
     for name, (stage, key) in pipeline.HEADLINE.items():

@@ -175,7 +175,7 @@ def _variant(images: str) -> str | None:
 
 def explain(checkpoint: str, images: str, methods, out: str, *, count: int | None = None,
             generator: str | None = None, latent_settings=None, concept_settings=None,
-            settings: Sequence[str] = ()) -> Path:
+            autoencoder: str | None = None, settings: Sequence[str] = ()) -> Path:
     """Loads `checkpoint`, runs `methods` on `images`, writes OUT/report.html and the npz arrays.
 
     A classifier checkpoint takes the attribution methods, the i-ResNet counterfactual and, given a
@@ -203,7 +203,15 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     offers = {registry.VISCOIN} if config.trainer == "viscoin" else {str(config.model.name)}
     if generator and config.trainer == "classifier":
         offers.add(registry.WITH_GENERATOR)
+    if autoencoder:
+        offers.add(registry.WITH_AUTOENCODER)
     groups = registry.check_request(list(methods), offers)
+    autoencoder_fns = None
+    if autoencoder and "autoencoder_counterfactual" in methods:
+        from ..trainers import autoencoder as autoencoder_trainer
+
+        ae_task, ae_state, _ = autoencoder_trainer.load(autoencoder)
+        autoencoder_fns = autoencoder_trainer.autoencoder_functions(ae_task, ae_state)
     resolution = int(config.data.resolution)
     if images.startswith("dataset:"):  # dataset:<split>[:N]: the run's own data set (TFDS, folders, ...)
         parts = images.split(":")
@@ -220,6 +228,10 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
                               f"methods {', '.join(methods)}")
     summary: dict = {}
     titles = {registry.CLASSIFIER: "attributions", registry.CONCEPTS: "VisCoIN concepts", registry.LATENT: "latent"}
+    comparison = groups.pop(registry.COMPARISON, None)  # drawn last, from what the other methods saved
+    if "decision_boundary" in methods and registry.CLASSIFIER in groups:
+        # f's boundary view draws the other groups' counterfactuals (the latent direction's) too: they go first
+        groups[registry.CLASSIFIER] = groups.pop(registry.CLASSIFIER)
     for i, (group, names) in enumerate(groups.items(), 1):
         t0 = time.perf_counter()
         log.info("[%d/%d] %s: %s", i, len(groups), titles[group], ", ".join(names))
@@ -231,6 +243,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
             else:
                 bundle = classifier_trainer.explanation_bundle(task, state)
             summary.update(explain_classifier(bundle, data, names, report, out_dir, variant=variant,
+                                              autoencoder=autoencoder_fns,
+                                              counterfactuals=_latent_counterfactuals(out_dir, methods),
                                               settings=method_settings))
         elif group == registry.CONCEPTS:
             summary.update(explain_viscoin(viscoin_trainer.explanation_bundle(task, state), data, names, report,
@@ -244,6 +258,10 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
             summary.update(explain_latent(models, data, names, report, out_dir, latent_settings or LatentSettings(),
                                           variant=variant))
         log.info("[%d/%d] %s done in %.1fs", i, len(groups), titles[group], time.perf_counter() - t0)
+    if comparison:
+        from ..explain.counterfactual_comparison import add_comparison
+
+        summary.update(add_comparison(report, [out_dir], variant, methods=list(methods)))
     report.add_metrics(summary, title="All metrics")
     (out_dir / "metrics.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -258,6 +276,17 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     return path
 
 
+def _latent_counterfactuals(out_dir: Path, methods) -> dict:
+    """{method: (counterfactuals, targets)} that the latent group of this call saved, for the
+    decision-boundary view of f (the latent methods explain the same f: a VisCoIN run's own, or the
+    classifier given a --generator); empty otherwise."""
+    from ..explain.counterfactual_comparison import counterfactual_sets
+
+    if "decision_boundary" not in methods or "latent_direction" not in methods:
+        return {}
+    return {s.method: (s.counterfactuals, s.target) for s in counterfactual_sets([out_dir], ["latent_direction"])}
+
+
 def main(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     try:
@@ -265,7 +294,7 @@ def main(args: argparse.Namespace) -> int:
 
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
         explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
-                latent_settings=latent, settings=args.setting)
+                latent_settings=latent, autoencoder=args.autoencoder, settings=args.setting)
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
         return 2
@@ -285,6 +314,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--count", type=int, default=None, help="use at most this many images")
     p.add_argument("--generator", default=None,
                    help="a stylegan2 run for the latent methods on a classifier checkpoint")
+    p.add_argument("--autoencoder", default=None,
+                   help="an autoencoder run for autoencoder_counterfactual (on f of any checkpoint)")
     p.add_argument("--setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="change a method's setting (repeatable), e.g. smoothgrad.num_samples=32; the "
                         "defaults are listed below")

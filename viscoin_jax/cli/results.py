@@ -52,7 +52,7 @@ def collect(workdir: str | Path) -> dict[str, Any]:
     if not summary:
         raise FileNotFoundError(f"{w / 'summary.json'} does not exist: run `viscoin-jax run` on {w} first")
     out: dict[str, Any] = {"stages": {}, "explain": {}}
-    for stage in ("classifier", "iresnet", "stylegan2", "viscoin"):
+    for stage in ("classifier", "iresnet", "autoencoder", "stylegan2", "viscoin"):
         if stage in summary:
             config = _load(w / stage / "config.json")
             out["stages"][stage] = {"seconds": summary[stage].get("seconds"), "metrics": summary[stage].get("metrics", {}),
@@ -64,6 +64,7 @@ def collect(workdir: str | Path) -> dict[str, Any]:
     for stage, item in summary.get("explain", {}).items():
         out["explain"][stage] = item.get("metrics", {})
     out["headline"] = summary.get("headline", {})
+    out["counterfactual_comparison"] = summary.get("counterfactual_comparison")
     return out
 
 
@@ -225,6 +226,14 @@ def render(data: dict[str, Any], workdir: str) -> str:
                    em.get("latent counterfactuals changing only causal factors"),
                    em.get("latent counterfactuals: blob removed"), em.get("latent counterfactuals: colour ambiguous")],
               ]), ""]
+    if data.get("counterfactual_comparison"):
+        comparison = data["counterfactual_comparison"]
+        parts += ["## Every counterfactual method on the same held-out images", "",
+                  "The same numbers computed the same way for each method (`explain.counterfactual_comparison`): "
+                  "validity as judged by the classifier the method explains, mean L1 to the input and to the "
+                  "method's own rendering of it (W+ projection, lambda-1 drawing, autoencoder reconstruction), and "
+                  "the factors changed, measured on the pixels against the input.", "",
+                  _table(comparison["header"], comparison["rows"]), ""]
     parts += [p for note in readings(data) for p in (f"**Reading.** {note}", "")]
     if em.get("projections with a measurable blob") is not None:
         parts += [f"A blob was measurable in {_fmt(em['projections with a measurable blob'])} of the W+ projections "

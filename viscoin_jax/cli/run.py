@@ -3,8 +3,9 @@
     viscoin-jax run --config demo --workdir runs/demo      # or --config configs/demo.py, a path
 
 Stages (each a sub-config of `config.stages`, trained by the trainer its `trainer` field names, in
-`WORKDIR/<stage>`): classifier (ResNet), iresnet, stylegan2, viscoin, then `explain` on held-out
-images, written to `WORKDIR/report/`. A stage whose run has reached its last step and finished its
+`WORKDIR/<stage>`): classifier (ResNet), iresnet, autoencoder, stylegan2, viscoin, then `explain` on
+held-out images, written to `WORKDIR/report/` (with one table of every counterfactual method in
+`report/index.html` and `summary.json`). A stage whose run has reached its last step and finished its
 evaluation (`WORKDIR/<stage>/DONE`) is skipped, so an interrupted pipeline picks up where it
 stopped (an unfinished stage resumes from its own latest checkpoint). A stage stopped by SIGTERM or
 a preemption notice saves its checkpoint, gets no DONE, and the pipeline exits with status 75
@@ -84,6 +85,9 @@ HEADLINE = {
     "i-ResNet counterfactuals changing a causal factor": (
         "iresnet", "i-ResNet counterfactuals changing a causal factor"),
     "i-ResNet counterfactual validity after re-encoding": ("iresnet", "i-ResNet counterfactual validity"),
+    "autoencoder counterfactual validity": ("classifier", "autoencoder counterfactual validity"),
+    "autoencoder counterfactuals: only causal factors change": (
+        "classifier", "autoencoder counterfactuals changing only causal factors"),
     "best attribution deletion AUC": ("classifier", "best attribution deletion AUC"),
     "random attribution deletion AUC": ("classifier", "random attribution deletion AUC"),
 }
@@ -136,12 +140,16 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
                      ", ".join(s for s in ("classifier", "iresnet", "viscoin") if s in order))
             summary["explain"] = run_explanations(config, workdir)
             summary["headline"] = headline(summary["explain"])
+            comparison = compare_counterfactuals(workdir / "report", summary["explain"], config.explain.images)
+            if comparison:
+                summary["counterfactual_comparison"] = comparison
             log.info("%s: done in %s", progress.label(), format_seconds(progress.end()))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     if summary.get("explain"):  # again, now with what `results` reads from the finished run
         from .results import collect, readings
 
-        write_index(workdir / "report", summary["explain"], notes=readings(collect(workdir)))
+        write_index(workdir / "report", summary["explain"], notes=readings(collect(workdir)),
+                    comparison=summary.get("counterfactual_comparison"))
     log.info("pipeline finished: %s", workdir / "summary.json")
     return summary
 
@@ -177,24 +185,42 @@ def run_explanations(config: Any, workdir: Path) -> dict:
     e = config.explain
     latent = LatentSettings(projection_steps=int(e.projection_steps), direction_samples=int(e.direction_samples))
     concepts = ConceptSettings(num_training_images=int(e.num_training_images))
+    # the autoencoder stage, where the pipeline trains one, gives every explained f its counterfactuals
+    autoencoder = str(workdir / "autoencoder") if "autoencoder" in config.stage_order else None
     out = {}
     for stage, methods in (("classifier", list(e.classifier_methods)), ("iresnet", list(e.iresnet_methods)),
                            ("viscoin", list(e.viscoin_methods))):
         if stage not in config.stage_order or not methods:
             continue
+        if autoencoder is None and "autoencoder_counterfactual" in methods:
+            methods.remove("autoencoder_counterfactual")
         stage_out = workdir / "report" / stage
         path = explain(str(workdir / stage), e.images, methods, str(stage_out), count=int(e.count),
-                       latent_settings=latent, concept_settings=concepts)
+                       latent_settings=latent, concept_settings=concepts, autoencoder=autoencoder)
         out[stage] = {"report": str(path), "metrics": json.loads((stage_out / "metrics.json").read_text())}
     if out:
-        write_index(workdir / "report", out)
+        write_index(workdir / "report", out, comparison=compare_counterfactuals(workdir / "report", out, e.images))
     return out
 
 
-def write_index(report_dir: Path, reports: dict, notes=()) -> Path:
+def compare_counterfactuals(report_dir: Path, reports: dict, images: str) -> dict | None:
+    """{"header", "rows"}: every counterfactual method the stages' reports saved, on the same held-out
+    images (explain.counterfactual_comparison), or None when no report holds one."""
+    from ..explain.counterfactual_comparison import comparison_rows, counterfactual_sets
+    from .explain import _variant
+
+    sets = counterfactual_sets([report_dir / stage for stage in reports])
+    if not sets:
+        return None
+    header, rows = comparison_rows(sets, _variant(images))
+    return {"header": header, "rows": rows}
+
+
+def write_index(report_dir: Path, reports: dict, notes=(), comparison: dict | None = None) -> Path:
     """report/index.html: a summary (each stage's headline numbers with their direction and meaning,
     `notes` such as the Reading paragraphs of `viscoin-jax results`, thumbnails of each stage's key
-    figures, a link to its report), then every stage's full metrics."""
+    figures, a link to its report), the table of every counterfactual method (`compare_counterfactuals`),
+    then every stage's full metrics."""
     import numpy as np
     from PIL import Image
 
@@ -219,6 +245,10 @@ def write_index(report_dir: Path, reports: dict, notes=()) -> Path:
     index.set_summary(f"Explanations of the pipeline's trained stages ({', '.join(reports)}); each report opens "
                       "offline from this folder. The numbers below lead each report; the full tables follow.",
                       rows, notes=list(notes), links=links, thumbnails=thumbs)
+    if comparison:
+        index.add_table(comparison["rows"], comparison["header"],
+                        title="Every counterfactual method on the same held-out images (validity as judged by the "
+                              "classifier each method explains)")
     for stage, item in reports.items():
         index.add_metrics(item["metrics"], title=f"{stage}: all metrics")
     return index.write(report_dir, name="index.html")

@@ -26,6 +26,15 @@ class InvertibleFunctions(NamedTuple):
     inverse: Callable
 
 
+class BoundaryView(NamedTuple):
+    """Features a decision-boundary plane is drawn in, and the part of f that decides from them."""
+
+    name: str  # "penultimate" or "z"
+    features_fn: Callable  # images -> features [N, ...]
+    head_fn: Callable  # features -> logits [N, C]
+    decode_fn: Callable | None = None  # features -> images, where invertible (the i-ResNet's z)
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierBundle:
     """A trained classifier f for the attribution methods, the sanity check and the i-ResNet counterfactuals."""
@@ -35,6 +44,7 @@ class ClassifierBundle:
     functions_of: Callable[[Any], tuple[ClassifierFn, FeaturesAndLogitsFn]]  # params -> (logits fn, features fn)
     training_images: TrainingImagesFn
     invertible: InvertibleFunctions | None = None  # i-ResNets only
+    boundary_views: tuple[BoundaryView, ...] = ()  # the decision-boundary view's feature spaces
 
     @property
     def classifier_fn(self) -> ClassifierFn:
@@ -43,6 +53,15 @@ class ClassifierBundle:
     @property
     def features_and_logits_fn(self) -> FeaturesAndLogitsFn:
         return self.functions_of(self.params)[1]
+
+
+class AutoencoderFunctions(NamedTuple):
+    """A trained autoencoder (weights closed over): the counterfactuals move its code."""
+
+    encode_fn: Callable  # images [N, R, R, 3] in [-1, 1] -> codes [N, code_dim]
+    decode_fn: Callable  # codes -> images
+    code_dim: int
+    training_images: TrainingImagesFn  # its run's data: the class means in code space come from it
 
 
 class VisCoINFunctions(NamedTuple):
@@ -80,5 +99,6 @@ class LatentModels:
     init_ws_fn: Callable | None = None  # images -> ws: a warm start (VisCoIN's translator)
 
 
-__all__ = ["ClassifierFn", "FeaturesAndLogitsFn", "TrainingImagesFn", "InvertibleFunctions", "ClassifierBundle",
-           "VisCoINFunctions", "VisCoINBundle", "LatentModels"]
+__all__ = ["ClassifierFn", "FeaturesAndLogitsFn", "TrainingImagesFn", "InvertibleFunctions", "BoundaryView",
+           "ClassifierBundle",
+           "AutoencoderFunctions", "VisCoINFunctions", "VisCoINBundle", "LatentModels"]

@@ -22,7 +22,10 @@ from ..models.registry import classifier_spec, layer_order
 from . import attributions as attr
 from . import iresnet_counterfactual as icf
 from . import methods as registry
-from .bundles import ClassifierBundle
+from .activations import add_activation_views
+from .autoencoder_report import autoencoder_counterfactuals
+from .bundles import AutoencoderFunctions, ClassifierBundle
+from .decision_boundary import add_decision_boundary_view
 from .factor_changes import measured_changes
 from .report import class_label, save_arrays
 
@@ -90,6 +93,8 @@ def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Pat
     return summary
 
 
+ACTIVATION_TRAINING_IMAGES = 256  # the images searched for each channel's top activations
+BOUNDARY_TRAINING_IMAGES = 512  # the images the decision-boundary plane is fitted on
 DELETION_BASELINE = "image_median"
 # i-ResNet counterfactuals: the class-mean move goes on until the head gives the target this
 # probability (past the boundary), at most this many times the distance between the class means.
@@ -157,9 +162,13 @@ def _deletion_insertion(classifier_fn, images, pred, maps, report, *, key: int =
 
 
 def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Path, *, key: int = 0,
-                       variant: str | None = None, settings=None) -> dict:
+                       variant: str | None = None, autoencoder: AutoencoderFunctions | None = None,
+                       counterfactuals: dict | None = None, settings=None) -> dict:
     """Runs the classifier `methods` on data["images"]; fills `report`, writes npz arrays, returns metrics.
-    `settings`: every method's settings (`methods.resolve_settings`), default the registry's."""
+    `autoencoder` (a trained one's functions) is needed by autoencoder_counterfactual; `counterfactuals`
+    ({method: (images, targets)} of other methods on the same images, e.g. the latent direction's)
+    are drawn on the decision boundary beside the ones made here. `settings`: every method's settings
+    (`methods.resolve_settings`), default the registry's."""
     settings = settings or registry.resolve_settings()
     classifier_fn, feats_fn = bundle.functions_of(bundle.params)
     images = jnp.asarray(data["images"])
@@ -207,13 +216,32 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         if not maps:
             raise ValueError("deletion_insertion needs an attribution method in --methods")
         summary.update(_deletion_insertion(classifier_fn, images, pred, maps, report, key=key))
+    counterfactual_sets: dict = dict(counterfactuals or {})  # method -> (images, targets), for the boundary view
     if "iresnet_counterfactual" in methods:
-        summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant))
+        summary.update(_iresnet_counterfactuals(bundle, data, report, out, variant, collect=counterfactual_sets))
+    if "autoencoder_counterfactual" in methods:
+        if autoencoder is None:
+            raise ValueError("autoencoder_counterfactual needs an autoencoder run (--autoencoder)")
+        summary.update(autoencoder_counterfactuals(classifier_fn, autoencoder, data, report, out, variant,
+                                                   collect=counterfactual_sets))
+    if "activations" in methods:
+        train_x, _ = bundle.training_images(ACTIVATION_TRAINING_IMAGES, "train")
+        summary.update(add_activation_views(report, out, jax.jit(lambda x: feats_fn(x)[0]), data["images"], train_x,
+                                            subject="f"))
+    if "decision_boundary" in methods:
+        if not bundle.boundary_views:
+            raise ValueError(f"decision_boundary: the {bundle.architecture!r} classifier names no penultimate features")
+        train_x, train_y = bundle.training_images(BOUNDARY_TRAINING_IMAGES, "train")
+        labels = data["labels"] if data["labels"] is not None else pred
+        for view in bundle.boundary_views:
+            summary.update(add_decision_boundary_view(report, out, view, train_x, train_y, data["images"], labels,
+                                                      counterfactual_sets, subject="f"))
     report.add_metrics(summary, title="Classifier metrics")
     return summary
 
 
-def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, variant: str | None = None) -> dict:
+def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, variant: str | None = None,
+                             collect: dict | None = None) -> dict:
     if bundle.invertible is None:
         raise ValueError("iresnet_counterfactual needs an i-ResNet checkpoint, got a "
                          f"{bundle.architecture!r} classifier")
@@ -230,7 +258,10 @@ def _iresnet_counterfactuals(bundle: ClassifierBundle, data, report, out: Path, 
                                  method="closed_form", means=means, source=pred, max_alpha=IRESNET_MAX_ALPHA,
                                  confidence=IRESNET_CONFIDENCE)
     cfs = np.asarray(result.images)
+    if collect is not None:
+        collect["i-ResNet"] = (cfs, target)
     save_arrays(out, "iresnet_counterfactual", images=data["images"], counterfactuals=cfs, target=target,
+                valid=np.asarray(result.valid),
                 alpha=np.asarray(result.amount), target_prob=np.asarray(result.target_prob),
                 latent_drift=np.asarray(result.latent_drift))
     names = data.get("class_names")

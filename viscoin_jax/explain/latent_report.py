@@ -185,10 +185,11 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
     counterfactuals = series[rows, cf_at]
     cf_ws = np.asarray(ws) + ts[cf_at][:, None, None] * np.stack(
         [np.broadcast_to(directions.get(int(t), grad_dirs[i]), ws.shape[1:]) for i, t in enumerate(target)])
+    validity = cfm.validity(np.asarray(models.classifier_fn(jnp.asarray(counterfactuals))), target=target)
     save_arrays(out, "latent_direction", images=np.asarray(images), projected_ws=np.asarray(ws),
                 projections=np.asarray(proj.images), target=target, shifts=ts, series=series, probs=probs,
                 gradient_series=grad_series, gradient_probs=grad_probs, counterfactuals=counterfactuals,
-                counterfactual_ws=cf_ws, flipped=flipped,
+                counterfactual_ws=cf_ws, flipped=flipped, valid=validity.valid,
                 **coverage, **{f"direction_to_{c}": d for c, d in directions.items()})
     for name, ser, pr in (("logistic-regression direction", series, probs), ("gradient direction", grad_series,
                                                                              grad_probs)):
@@ -207,7 +208,6 @@ def explain_latent(models: LatentModels, data: dict, methods, report: Report, ou
         proj.images, counterfactuals,
         [f"-> {class_label(names, t)}: p {q:.2f}" for t, q in zip(target, p_cf)],
         row_labels=[f"image {i}: f says {class_label(names, p)}" for i, p in enumerate(pred)])
-    validity = cfm.validity(np.asarray(models.classifier_fn(jnp.asarray(counterfactuals))), target=target)
     proximity = cfm.proximity(np.asarray(proj.images), counterfactuals)
     summary["latent counterfactual validity"] = float(np.mean(validity.valid))
     summary["latent counterfactual L1 to the projection"] = float(np.mean(proximity["l1"]))

@@ -12,18 +12,21 @@ from typing import Any, Mapping, Sequence
 
 # what a checkpoint offers: its classifier's architecture or a VisCoIN run, and a generator when
 # `--generator` names a StyleGAN2 run for a classifier checkpoint
-RESNET, IRESNET, VISCOIN, WITH_GENERATOR = "resnet", "iresnet", "viscoin", "generator"
-KINDS = (RESNET, IRESNET, VISCOIN, WITH_GENERATOR)
+# `--generator` names a StyleGAN2 run for a classifier checkpoint; `--autoencoder` an autoencoder run
+RESNET, IRESNET, VISCOIN, WITH_GENERATOR, WITH_AUTOENCODER = "resnet", "iresnet", "viscoin", "generator", "autoencoder"
+KINDS = (RESNET, IRESNET, VISCOIN, WITH_GENERATOR, WITH_AUTOENCODER)
 LABELS = {RESNET: "a ResNet classifier", IRESNET: "an i-ResNet classifier", VISCOIN: "a VisCoIN run",
-          WITH_GENERATOR: "a classifier with --generator <a stylegan2 run>"}
+          WITH_GENERATOR: "a classifier with --generator <a stylegan2 run>",
+          WITH_AUTOENCODER: "a classifier or VisCoIN run with --autoencoder <an autoencoder run>"}
 # method groups: the report module that runs them
 CLASSIFIER, CONCEPTS, LATENT = "classifier", "concepts", "latent"
+COMPARISON = "comparison"  # runs after the others, on what they saved (explain.counterfactual_comparison)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    group: str  # CLASSIFIER (explain.classifier_report), CONCEPTS (viscoin_report) or LATENT (latent_report)
+    group: str  # CLASSIFIER (explain.classifier_report), CONCEPTS (viscoin_report), LATENT (latent_report), COMPARISON
     kinds: tuple[str, ...]  # checkpoints it explains (on a VisCoIN run, the classifier methods explain its f)
     summary: str
     attribution: bool = False  # produces a pixel map that sanity_check and deletion_insertion judge
@@ -51,13 +54,25 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("deletion_insertion", CLASSIFIER, _ALL_CLASSIFIERS,
            "RISE deletion / insertion AUC of the attribution methods asked for, and of a random map"),
     Method("iresnet_counterfactual", CLASSIFIER, (IRESNET,), "counterfactuals by moving z between class means"),
+    Method("decision_boundary", CLASSIFIER, _ALL_CLASSIFIERS,
+           "held-out points and counterfactuals on the plane of the class-mean difference and the top "
+           "principal direction of f's penultimate features (and the i-ResNet's z)"),
+    Method("autoencoder_counterfactual", CLASSIFIER, (WITH_AUTOENCODER,),
+           "counterfactuals by moving an autoencoder's code between class means until f decides the other class"),
+    Method("activations", CLASSIFIER, _ALL_CLASSIFIERS,
+           "each stage's most active channels, and each channel's top-activating training images"),
     Method("concepts", CONCEPTS, (VISCOIN,), "relevant concepts, their drawings and top-activating images"),
     Method("faithfulness", CONCEPTS, (VISCOIN,), "FF: the prediction drop when relevant concepts are removed"),
     Method("consistency", CONCEPTS, (VISCOIN,), "CC: a linear probe separating concept-amplified drawings"),
+    Method("concept_activations", CONCEPTS, (VISCOIN,),
+           "the most active concept maps phi of each image (grid, colour bar) and their top training images"),
     Method("latent_direction", LATENT, (VISCOIN, WITH_GENERATOR),
            "W+ projection, logistic-regression direction to the other class, counterfactual series"),
     Method("latent_interpolation", LATENT, (VISCOIN, WITH_GENERATOR),
            "integrated gradients along the latent path from the projection to the counterfactual"),
+    Method("counterfactual_comparison", COMPARISON, _ALL_CLASSIFIERS,
+           "one table of the counterfactual methods run here (latent direction, concept removal, i-ResNet, "
+           "autoencoder) on the same images: validity, L1, factors changed"),
 )}
 
 
@@ -77,7 +92,8 @@ def check_request(methods, offers) -> dict[str, list[str]]:
     for m in methods:
         if not offers & set(METHODS[m].kinds):
             have = " ".join([LABELS[k] for k in (RESNET, IRESNET, VISCOIN) if k in offers]
-                            + (["with --generator"] if WITH_GENERATOR in offers else []))
+                            + (["with --generator"] if WITH_GENERATOR in offers else [])
+                            + (["with --autoencoder"] if WITH_AUTOENCODER in offers else []))
             need = " or ".join(LABELS[k] for k in METHODS[m].kinds)
             raise ValueError(f"{m} does not apply to {have}; it needs {need}")
     groups: dict[str, list[str]] = {}
@@ -141,5 +157,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "CLASSIFIER", "CONCEPTS",
-           "LATENT", "names", "check_request", "help_text", "map_function", "resolve_settings"]
+__all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "WITH_AUTOENCODER",
+           "CLASSIFIER", "CONCEPTS", "COMPARISON", "LATENT", "names", "check_request", "help_text", "map_function",
+           "resolve_settings"]

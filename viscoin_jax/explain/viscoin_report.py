@@ -30,6 +30,7 @@ from ..metrics import viscoin_metrics
 from ..models import concepts as concept_ops
 from . import concepts as concepts_lib
 from . import methods as registry
+from .activations import add_activation_views
 from .bundles import VisCoINBundle
 from .factor_changes import measured_changes
 from .report import Report, class_label, save_arrays
@@ -136,6 +137,10 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                       reconstructions=reconstruction, class_relevance=class_rel, class_counts=counts,
                       top_activating_ids=top_ids_train, top_activating_scores=top_scores)
         lambdas = list(settings.lambdas)
+        arrays["images"] = np.asarray(images)
+        if 0.0 in lambdas:  # f's class of each image once its top concept is removed (the comparison's validity)
+            arrays["top_concept_removed_f_predictions"] = np.asarray(
+                jax.jit(fns.classifier_fn)(jnp.asarray(drawings[:, 0, lambdas.index(0.0)]))).argmax(-1)
         if variant is not None and 0.0 in lambdas and 1.0 in lambdas:
             summary["reconstructions with a measurable blob"] = float(np.mean(measure_factors(reconstruction)["found"]))
             rows, changes = measured_changes(
@@ -147,6 +152,11 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
             arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
         save_arrays(out, "concepts", **arrays)
         log.info("concepts: %.1fs", time.perf_counter() - t0)
+
+    if "concept_activations" in methods:
+        train_act, _ = bundle.training_images(settings.num_training_images, "train")
+        summary.update(add_activation_views(report, out, jax.jit(lambda x: {"phi": fns.concepts_fn(x)[0]}),
+                                            np.asarray(images), train_act, subject="concepts"))
 
     if "faithfulness" in methods:
         t0 = time.perf_counter()

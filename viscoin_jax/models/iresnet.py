@@ -354,11 +354,26 @@ class IResNet(nnx.Module):
                 x = block(x, train)
         return x
 
+    def stage_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
+        """{"stage1": ..., "stage<S>": z}: each stage's output in eval mode, for the activation maps."""
+        x = self._embed(x)
+        out = {}
+        for s, stage in enumerate(self.stages):
+            if s > 0:
+                x = squeeze(x)
+            for block in stage:
+                x = block(x, False)
+            out[f"stage{s + 1}"] = x
+        return out
+
     def head(self, z: jax.Array, train: bool = False) -> jax.Array:
         """z -> logits: BN -> ReLU -> global average pool -> linear (not invertible)."""
+        return self.head_fc(self.pool(z, train))
+
+    def pool(self, z: jax.Array, train: bool = False) -> jax.Array:
+        """z -> the penultimate vector the linear layer reads: BN -> ReLU -> global average pool."""
         z = self._check(z, self.z_shape, "z")
-        h = jax.nn.relu(self.head_bn(z, use_running_average=not train))
-        return self.head_fc(jnp.mean(h, axis=(1, 2)))
+        return jnp.mean(jax.nn.relu(self.head_bn(z, use_running_average=not train)), axis=(1, 2))
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.head(self.forward(x, train), train)

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from ..convert.torchvision_resnet import load_resnet_checkpoint
-from ..explain.bundles import ClassifierBundle, InvertibleFunctions
+from ..explain.bundles import BoundaryView, ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
 from ..models.registry import build_classifier, classifier_spec
 from ..training import common
@@ -176,6 +176,8 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
 def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
     """The callables the classifier explanations take (frozen weights, inference mode)."""
 
+    invertible_model = classifier_spec(task.config.model.name).invertible
+
     def functions_of(params):
         model = task.model(dict(state, params=params))
 
@@ -183,17 +185,26 @@ def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
             return classifier_logits(model, images, train=False)
 
         def features_and_logits_fn(images):
+            if invertible_model:  # i-ResNet: its stage outputs (the last is z) for the activation maps
+                stages = model.stage_outputs(images)
+                return stages, model.head(stages[list(stages)[-1]])
             out = model(images, train=False)
             return (out[1], out[0]) if isinstance(out, tuple) else ({}, out)
 
         return classifier_fn, features_and_logits_fn
 
     invertible = None
-    if classifier_spec(task.config.model.name).invertible:
-        model = task.model(state)
+    model = task.model(state)
+    if invertible_model:
         invertible = InvertibleFunctions(model.forward, model.head, lambda z: model.inverse(z))
+        views = (BoundaryView("penultimate", lambda x: model.pool(model.forward(x)), model.head_fc),
+                 BoundaryView("z", model.forward, model.head, lambda z: model.inverse(z)[0]))
+    elif "pooled" in classifier_spec(task.config.model.name).feature_maps:  # the ResNet
+        views = (BoundaryView("penultimate", lambda x: model(x, train=False)[1]["pooled"], model.fc),)
+    else:
+        views = ()
     return ClassifierBundle(str(task.config.model.name), state["params"], functions_of,
-                            lambda n, split: common.training_images(task.config, n, split), invertible)
+                            lambda n, split: common.training_images(task.config, n, split), invertible, views)
 
 
 def train(config: Any, workdir: str):

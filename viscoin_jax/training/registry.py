@@ -14,6 +14,7 @@ TRAINERS = {
     "classifier": "viscoin_jax.trainers.classifier",
     "stylegan2": "viscoin_jax.trainers.stylegan2",
     "viscoin": "viscoin_jax.trainers.viscoin",
+    "autoencoder": "viscoin_jax.trainers.autoencoder",
 }
 
 
