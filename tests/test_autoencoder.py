@@ -138,7 +138,7 @@ def test_conv_autoencoder_shapes_and_checks():
 
 def test_trainer_end_to_end(tmp_path):
     from viscoin_jax.trainers import autoencoder as trainer
-    from viscoin_jax.training import common
+    from viscoin_jax.training import runs
     from viscoin_jax.training.config import load_config
 
     config = load_config("autoencoder_synthetic", [
@@ -158,4 +158,4 @@ def test_trainer_end_to_end(tmp_path):
     assert metrics["reconstruction mse"] == pytest.approx(np.mean(err ** 2), rel=1e-4)
     assert metrics["reconstruction l1"] == pytest.approx(np.mean(np.abs(err)), rel=1e-4)
     with pytest.raises(ValueError):  # another trainer's run name
-        common.load_run(str(tmp_path), "classifier")
+        runs.load_run(str(tmp_path), "classifier")

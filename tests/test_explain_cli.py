@@ -95,7 +95,7 @@ def _event_pngs(path, tag: str) -> list[tuple[int, bytes]]:
 def test_explain_maps_equal_the_library_functions(checkpoint, tmp_path):
     from viscoin_jax.explain import attributions as attr
     from viscoin_jax.explain.report import Report
-    from viscoin_jax.training.common import restore_task_state
+    from viscoin_jax.training.runs import restore_task_state
 
     task, state, config, _ = restore_task_state(checkpoint)
     data = explain_run.load_images("synthetic/blob_binary:test:2", 32)
@@ -146,7 +146,7 @@ def test_sanity_check_and_deletion_against_direct_computations(checkpoint, tmp_p
     from viscoin_jax.explain import attributions as attr
     from viscoin_jax.explain.report import Report
     from viscoin_jax.metrics.attribution_metrics import deletion_insertion, randomise_params
-    from viscoin_jax.training.common import restore_task_state
+    from viscoin_jax.training.runs import restore_task_state
 
     task, state, config, _ = restore_task_state(checkpoint)
     data = explain_run.load_images("synthetic/blob_binary:test:3", 32)
@@ -195,7 +195,7 @@ def test_a_setting_reaches_the_method_and_bad_ones_fail_before_loading(checkpoin
     """--setting METHOD.KEY=VALUE changes what the method computes (here SmoothGrad's sample count,
     checked against the library function called directly); a bad one is one line, before any work."""
     from viscoin_jax.explain import attributions as attr
-    from viscoin_jax.training.common import restore_task_state
+    from viscoin_jax.training.runs import restore_task_state
 
     explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:3", ["smoothgrad"], str(tmp_path),
                         settings=["smoothgrad.num_samples=3", "smoothgrad.noise_level=0.3"])

@@ -9,7 +9,7 @@ import pytest
 
 from viscoin_jax.cli.explain import explain
 from viscoin_jax.trainers import classifier
-from viscoin_jax.training.common import restore_task_state
+from viscoin_jax.training.runs import restore_task_state
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import run_training
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from viscoin_jax.trainers import classifier, stylegan2 as sg
-from viscoin_jax.training import common
+from viscoin_jax.training import batches as batch_lib
 from viscoin_jax.training.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_classifier_fsdp_over_two_processes(tmp_path):
     assert written["accuracy"] == pytest.approx(here["accuracy"])
     assert written["per_class_accuracy"] == {str(k): v for k, v in here["per_class_accuracy"].items()}
     # ... and an independent pass: plain batches of this process's pipeline, logits by `predict`
-    batches = list(common.eval_batches(config, max_batches=2))
+    batches = list(batch_lib.eval_batches(config, max_batches=2))
     images = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
     logits = classifier.predict(task, state, images, batch_size=17)

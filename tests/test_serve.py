@@ -19,7 +19,7 @@ pytest.importorskip("flask", reason="viscoin-jax serve needs Flask (pip install 
 from viscoin_jax.cli import serve  # noqa: E402
 from viscoin_jax.explain import attributions as attr  # noqa: E402
 from viscoin_jax.trainers import classifier  # noqa: E402
-from viscoin_jax.training.common import restore_task_state  # noqa: E402
+from viscoin_jax.training.runs import restore_task_state  # noqa: E402
 
 from browser import BROKEN_IMAGES, IMAGES_LOADED, Browser, chromium
 from viscoin_fixtures import make_frozen_runs, make_iresnet_run, make_viscoin_run

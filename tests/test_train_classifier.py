@@ -86,7 +86,7 @@ def test_full_evaluation_matches_numpy(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
                 "label": rng.integers(0, 2, 8).astype(np.int32)} for _ in range(3)]
-    monkeypatch.setattr(classifier.common, "eval_batches", lambda *a, **k: iter(batches))
+    monkeypatch.setattr(classifier, "eval_batches", lambda *a, **k: iter(batches))
     out = classifier.full_evaluation(task, state)
     logits = np.concatenate([classifier.predict(task, state, b["image"]) for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
@@ -113,7 +113,7 @@ def test_z_prime_is_undefined_when_a_class_is_missing(tmp_path, monkeypatch, cap
     rng = np.random.default_rng(2)
     batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
                 "label": np.zeros(8, np.int32)} for _ in range(2)]
-    monkeypatch.setattr(classifier.common, "eval_batches", lambda *a, **k: iter(batches))
+    monkeypatch.setattr(classifier, "eval_batches", lambda *a, **k: iter(batches))
     caplog.set_level("WARNING")
     out = classifier.full_evaluation(task, state)  # raised ValueError before
     assert out["z_prime"] is None and out["num_examples"] == 16
@@ -127,7 +127,7 @@ def test_capped_evaluation_of_a_class_sorted_folder_is_class_balanced(tmp_path):
     from PIL import Image
 
     from viscoin_jax.data.pipeline import data_config
-    from viscoin_jax.training import common
+    from viscoin_jax.training import batches as batch_lib
 
     rng = np.random.default_rng(3)
     for name in ("ADI", "TUM"):  # stored class by class, as image folders are
@@ -138,7 +138,7 @@ def test_capped_evaluation_of_a_class_sorted_folder_is_class_balanced(tmp_path):
     from ml_collections import ConfigDict
     config = ConfigDict({"data": data_config(name="nct_crc_he", data_dir=str(tmp_path), resolution=4),
                          "eval": ConfigDict({"split": "test", "batch_size": 8})})
-    labels = np.concatenate([b["label"] for b in common.eval_batches(config, max_batches=2)])
+    labels = np.concatenate([b["label"] for b in batch_lib.eval_batches(config, max_batches=2)])
     np.testing.assert_array_equal(np.bincount(labels, minlength=2), [8, 8])  # was 16 x class 0
-    full = np.concatenate([b["label"] for b in common.eval_batches(config)])
+    full = np.concatenate([b["label"] for b in batch_lib.eval_batches(config)])
     np.testing.assert_array_equal(full, [0] * 24 + [1] * 24)  # the uncapped pass: in order, all

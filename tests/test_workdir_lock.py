@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from viscoin_jax.training import common
+from viscoin_jax.training import runs
 from viscoin_jax.training.checkpoint import Checkpointer
 from viscoin_jax.training.config import load_config
 from viscoin_jax.training.loop import load_trained, run_training
@@ -39,7 +39,7 @@ def test_readers_leave_a_running_save_alone(trained):
     (tmp / "state").mkdir(parents=True)
     (tmp / "state" / "chunk").write_bytes(b"in progress")
     before = sorted(str(p.relative_to(trained)) for p in trained.rglob("*"))
-    _, state, config, _ = common.restore_task_state(trained)
+    _, state, config, _ = runs.restore_task_state(trained)
     assert config.train.num_steps == 2 and state["params"]
     config2, _, restored = load_trained(trained)
     assert restored.step == 2

@@ -191,7 +191,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     from ..trainers import classifier as classifier_trainer
     from ..trainers import stylegan2 as stylegan2_trainer
     from ..trainers import viscoin as viscoin_trainer
-    from ..training.common import restore_task_state, training_images
+    from ..training.batches import training_images
+    from ..training.runs import restore_task_state
 
     out_dir = Path(out)
     registry.check_request(list(methods), registry.KINDS)  # unknown names fail before anything is loaded

@@ -88,7 +88,7 @@ def decode_upload(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) ->
 
 def _stages(workdir: Path) -> dict[str, Path]:
     """{classifier, iresnet, viscoin: run folder} found in a pipeline workdir or a single run."""
-    from ..training.common import restore_task_state
+    from ..training.runs import restore_task_state
 
     if (workdir / "checkpoints").is_dir():
         _, _, config, _ = restore_task_state(str(workdir))
@@ -111,7 +111,8 @@ def load_explainer(workdir: str | Path, methods=None):
     from ..explain.live import DEFAULT_METHODS, LiveExplainer
     from ..trainers import classifier as classifier_trainer
     from ..trainers import viscoin as viscoin_trainer
-    from ..training.common import restore_task_state, training_images
+    from ..training.batches import training_images
+    from ..training.runs import restore_task_state
     from .explain import class_names_of
 
     root = Path(workdir)

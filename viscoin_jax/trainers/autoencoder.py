@@ -24,7 +24,9 @@ from flax import nnx
 from ..explain.bundles import AutoencoderFunctions
 from ..models.autoencoder import ConvAutoencoder
 from ..phases import announce
-from ..training import common
+from ..training.batches import eval_batches, eval_extent, train_batches, training_images
+from ..training.optimizers import make_optimizer
+from ..training.runs import load_run
 from ..training.loop import Task, run_training
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def reconstruction_errors(model: ConvAutoencoder, images: jax.Array) -> dict[str
 class AutoencoderTask(Task):
     def __init__(self, config: Any):
         super().__init__(config)
-        self.tx = common.make_optimizer(config.optim, config.train.num_steps)
+        self.tx = make_optimizer(config.optim, config.train.num_steps)
         abstract = nnx.eval_shape(lambda: build_autoencoder(config, nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
 
@@ -69,10 +71,10 @@ class AutoencoderTask(Task):
         return reconstruction_errors(self.model(state), batch["image"])
 
     def make_train_iterator(self, data_state):
-        return common.train_batches(self.config, data_state, keys=("image",))
+        return train_batches(self.config, data_state, keys=("image",))
 
     def make_eval_iterator(self):
-        return common.eval_batches(self.config, keys=("image",), max_batches=self.config.eval.get("max_batches", None))
+        return eval_batches(self.config, keys=("image",), max_batches=self.config.eval.get("max_batches", None))
 
     def model_metadata(self) -> dict:
         return {"kind": "autoencoder", "model": self.config.model.to_dict()}
@@ -90,14 +92,14 @@ def autoencoder_functions(task: AutoencoderTask, state) -> AutoencoderFunctions:
     """The trained autoencoder's encode / decode (frozen weights) for the explanations."""
     model = task.model(state)
     return AutoencoderFunctions(model.encode, model.decode, int(task.config.model.code_dim),
-                                lambda n, split: common.training_images(task.config, n, split))
+                                lambda n, split: training_images(task.config, n, split))
 
 
 def full_evaluation(task: AutoencoderTask, state) -> dict[str, float]:
     """Reconstruction MSE and L1 over the whole evaluation split (the capped pass of config.eval)."""
     fn = jax.jit(lambda s, x: reconstruction_errors(task.model(s), x))
     sums, count = {"mse": 0.0, "l1": 0.0}, 0
-    for batch in common.eval_batches(task.config, keys=("image",),
+    for batch in eval_batches(task.config, keys=("image",),
                                      max_batches=task.config.eval.get("max_batches", None)):
         errors = fn(state, jnp.asarray(batch["image"]))
         n = len(batch["image"])
@@ -110,7 +112,7 @@ def full_evaluation(task: AutoencoderTask, state) -> dict[str, float]:
 
 def train(config: Any, workdir: str):
     result = run_training(make_task(config), config, workdir).raise_if_preempted()
-    with announce(log, f"final evaluation on the {common.eval_extent(config)}"):
+    with announce(log, f"final evaluation on the {eval_extent(config)}"):
         metrics = full_evaluation(make_task(config), result.state["task"])
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:
@@ -120,7 +122,7 @@ def train(config: Any, workdir: str):
 
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a trained autoencoder."""
-    return common.load_run(workdir, "autoencoder", step)
+    return load_run(workdir, "autoencoder", step)
 
 
 __all__ = ["AutoencoderTask", "build_autoencoder", "make_task", "train", "load", "autoencoder_functions",

@@ -27,7 +27,9 @@ from ..convert.torchvision_resnet import load_resnet_checkpoint
 from ..explain.bundles import BoundaryView, ClassifierBundle, InvertibleFunctions
 from ..metrics.separability import z_prime_from_labels
 from ..models.registry import build_classifier, classifier_spec
-from ..training import common
+from ..training.batches import eval_batches, eval_extent, evaluate_batches, train_batches, training_images
+from ..training.optimizers import make_optimizer
+from ..training.runs import load_run
 from ..training.loop import Task, run_training
 from ..phases import announce
 
@@ -42,7 +44,7 @@ def classifier_logits(model: nnx.Module, images: jax.Array, train: bool = False)
 class ClassifierTask(Task):
     def __init__(self, config: Any):
         super().__init__(config)
-        self.tx = common.make_optimizer(config.optim, config.train.num_steps)
+        self.tx = make_optimizer(config.optim, config.train.num_steps)
         abstract = nnx.eval_shape(lambda: build_classifier(config.model, nnx.Rngs(0)))
         self.graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         self.num_classes = int(config.model.num_classes)
@@ -93,10 +95,10 @@ class ClassifierTask(Task):
 
     # -- data -------------------------------------------------------------------------------------
     def make_train_iterator(self, data_state):
-        return common.train_batches(self.config, data_state)
+        return train_batches(self.config, data_state)
 
     def make_eval_iterator(self):
-        return common.eval_batches(self.config, max_batches=self.config.eval.get("max_batches", None))
+        return eval_batches(self.config, max_batches=self.config.eval.get("max_batches", None))
 
     def model_metadata(self) -> dict:
         return {"kind": "classifier", "model": self.config.model.to_dict()}
@@ -150,9 +152,9 @@ def full_evaluation(task: ClassifierTask, state) -> dict[str, Any]:
     def fn(s, batch):
         return classifier_logits(task.model(s), batch["image"], train=False), batch["label"]
 
-    batches = common.eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None))
+    batches = eval_batches(task.config, max_batches=task.config.eval.get("max_batches", None))
     logits, labels = [], []
-    for batch_logits, batch_labels in common.evaluate_batches(fn, state, batches):
+    for batch_logits, batch_labels in evaluate_batches(fn, state, batches):
         logits.append(batch_logits)
         labels.append(batch_labels)
     if not logits:
@@ -204,13 +206,13 @@ def explanation_bundle(task: ClassifierTask, state) -> ClassifierBundle:
     else:
         views = ()
     return ClassifierBundle(str(task.config.model.name), state["params"], functions_of,
-                            lambda n, split: common.training_images(task.config, n, split), invertible, views)
+                            lambda n, split: training_images(task.config, n, split), invertible, views)
 
 
 def train(config: Any, workdir: str):
     result = run_training(make_task(config), config, workdir).raise_if_preempted()
     task = make_task(config)
-    with announce(log, f"final evaluation on the {common.eval_extent(config)}"):
+    with announce(log, f"final evaluation on the {eval_extent(config)}"):
         metrics = full_evaluation(task, result.state["task"])
     log.info("final evaluation: %s", metrics)
     if jax.process_index() == 0:
@@ -220,4 +222,4 @@ def train(config: Any, workdir: str):
 
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a trained classifier, for explanations and VisCoIN training."""
-    return common.load_run(workdir, "classifier", step)
+    return load_run(workdir, "classifier", step)

@@ -56,7 +56,8 @@ from ..explain.bundles import LatentModels
 from ..metrics import fid as fid_lib
 from ..models.stylegan2 import Discriminator, Generator, style_mixing
 from . import ada as ada_lib
-from ..training import common
+from ..training.batches import train_batches
+from ..training.runs import load_run
 from . import stylegan2_losses as losses
 from ..training.loop import Task, run_training
 from ..training.monitor import to_host
@@ -309,7 +310,7 @@ class StyleGAN2Task(Task):
 
     # -- data, samples, metadata --------------------------------------------------------------------
     def make_train_iterator(self, data_state):
-        return common.train_batches(self.config, data_state, keys=("image",))
+        return train_batches(self.config, data_state, keys=("image",))
 
     def sample_images(self, state):
         """G_ema images of fixed latents (seed config.seed + 1), constant noise, no truncation."""
@@ -433,7 +434,7 @@ def train(config: Any, workdir: str):
 
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a trained StyleGAN2 run (see `generator_from_state`)."""
-    return common.load_run(workdir, "stylegan2", step)
+    return load_run(workdir, "stylegan2", step)
 
 
 def latent_models(generator_workdir: str, classifier_fn) -> LatentModels:

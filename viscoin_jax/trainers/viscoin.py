@@ -43,7 +43,9 @@ from ..explain.bundles import LatentModels, VisCoINBundle, VisCoINFunctions
 from ..metrics.lpips import FeaturePerceptualLoss, load_lpips
 from ..metrics.viscoin_metrics import DEFAULT_TAUS, faithfulness
 from ..models.viscoin import FEATURE_KEYS, VisCoIN
-from ..training import common
+from ..training.batches import all_processes, eval_batches, eval_extent, train_batches, training_images
+from ..training.optimizers import make_optimizer
+from ..training.runs import load_run
 from ..training.loop import Task, run_training
 from ..training.monitor import to_host
 from ..phases import announce
@@ -139,7 +141,7 @@ class VisCoINTask(Task):
         # the non-Param variables (w_avg, the dropout's rng stream) are constants: built in a jit
         # whose Param outputs are dropped (XLA removes their initialisation)
         self.rest = jax.jit(lambda: nnx.split(self.build(nnx.Rngs(0)), nnx.Param, ...)[2])()
-        self.tx = common.make_optimizer(config.optim, config.train.num_steps)
+        self.tx = make_optimizer(config.optim, config.train.num_steps)
         # --- perceptual loss ----------------------------------------------------------------------
         if lpips_path:
             lp = load_lpips(lpips_path)
@@ -258,7 +260,7 @@ class VisCoINTask(Task):
 
     def host_evaluate(self, state):
         """Faithfulness FF (median over the evaluation batches) at tau 0.1 / 0.2 / 0.4, at each evaluation."""
-        batches = [common.all_processes(b)["image"] for b in self.make_eval_iterator()]
+        batches = [all_processes(b)["image"] for b in self.make_eval_iterator()]
         if not batches:
             return {}
         fns = viscoin_apply(self, to_host({"params": state["params"]}))
@@ -268,10 +270,10 @@ class VisCoINTask(Task):
 
     # -- data, samples, metadata ------------------------------------------------------------------
     def make_train_iterator(self, data_state):
-        return common.train_batches(self.config, data_state, keys=("image",))
+        return train_batches(self.config, data_state, keys=("image",))
 
     def make_eval_iterator(self):
-        return common.eval_batches(self.config, max_batches=_max_batches(self.config.eval.get("max_batches", 0)))
+        return eval_batches(self.config, max_batches=_max_batches(self.config.eval.get("max_batches", 0)))
 
     def sample_images(self, state):
         """Reconstructions of fixed G samples (seed config.seed + 1), next to the samples."""
@@ -330,7 +332,7 @@ def viscoin_apply(task: VisCoINTask, state) -> VisCoINFunctions:
 
 def explanation_bundle(task: VisCoINTask, state) -> VisCoINBundle:
     """What the concept methods take: the run's functions and its data."""
-    return VisCoINBundle(viscoin_apply(task, state), lambda n, split: common.training_images(task.config, n, split))
+    return VisCoINBundle(viscoin_apply(task, state), lambda n, split: training_images(task.config, n, split))
 
 
 def latent_models(task: VisCoINTask, state) -> LatentModels:
@@ -362,7 +364,7 @@ def final_evaluation(task: VisCoINTask, state, max_batches: int | None = None) -
     if max_batches is None:
         max_batches = int(cfg.eval.get("final_batches", 4))
     # every process's examples on every process: each computes the same numbers from all of them
-    batches = [common.all_processes(b) for b in common.eval_batches(cfg, max_batches=_max_batches(max_batches))]
+    batches = [all_processes(b) for b in eval_batches(cfg, max_batches=_max_batches(max_batches))]
     if not batches:
         raise ValueError("the evaluation split yielded no batches")
     state = {"params": to_host(state["params"])}
@@ -397,7 +399,7 @@ def train(config: Any, workdir: str):
     """run_training, then `final_evaluation` written to workdir/viscoin_eval.json."""
     task = make_task(config)
     result = run_training(task, config, workdir).raise_if_preempted()
-    extent = common.eval_extent(config, _max_batches(config.eval.get("final_batches", 4)))
+    extent = eval_extent(config, _max_batches(config.eval.get("final_batches", 4)))
     with announce(log, f"final evaluation on the {extent}"):
         metrics = final_evaluation(task, result.state["task"])
     metrics["step"] = result.step
@@ -410,7 +412,7 @@ def train(config: Any, workdir: str):
 def load(workdir: str, step: int | None = None):
     """(task, state, config) of a VisCoIN run (see `viscoin_apply`); f and G come from the
     classifier / generator run directories saved in the config."""
-    return common.load_run(workdir, "viscoin", step)
+    return load_run(workdir, "viscoin", step)
 
 
 __all__ = ["VisCoINTask", "VisCoINFunctions", "viscoin_apply", "explanation_bundle", "latent_models", "make_task",

@@ -1,26 +1,19 @@
-"""Pieces every trainer shares: data batches for the loop, optimisers, and restoring a run's models.
-
-A trainer module (`classifier`, `stylegan2`, `viscoin`) defines a `Task` and exposes
-`make_task(config)`, `train(config, workdir)` and `load(workdir)`; `load` goes through
-`restore_task_state`, which rebuilds the task from the config saved in the checkpoint and restores
-its state onto the devices of the current process, whatever mesh saved it.
+"""The data a trainer reads: this process's rows of each global training batch (resumable), one
+ordered pass over an evaluation split, and evaluations run on global batches assembled from every
+process's rows, so every process gets the same numbers whatever the process count.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-import optax
 
 from ..data import pipeline, sources
 from . import mesh as mesh_lib
-from .loop import restore_run
 from .monitor import to_host
 
 log = logging.getLogger(__name__)
@@ -143,50 +136,3 @@ def training_images(config, num_images: int, split: str = "train") -> tuple[np.n
     images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]
     labels = np.concatenate([np.asarray(p["label"]) for p in parts])[:num_images]
     return images.astype(np.float32), labels
-
-
-def make_optimizer(optim: Any, num_steps: int) -> optax.GradientTransformation:
-    """Adam/AdamW/SGD with an optional linear warm-up and cosine decay, from `config.optim`."""
-    lr = float(optim.learning_rate)
-    warmup = int(optim.get("warmup_steps", 0))
-    schedule_name = optim.get("schedule", "constant")
-    if schedule_name == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1))
-    elif schedule_name == "constant":
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                         optax.constant_schedule(lr)], [max(warmup, 1)]) if warmup else lr
-    else:
-        raise ValueError(f"unknown optim.schedule {schedule_name!r}; known: constant, cosine")
-    name = optim.get("name", "adam")
-    b1, b2 = float(optim.get("b1", 0.9)), float(optim.get("b2", 0.999))
-    if name == "adam":
-        tx = optax.adam(schedule, b1=b1, b2=b2, eps=float(optim.get("eps", 1e-8)))
-    elif name == "adamw":
-        tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=float(optim.get("weight_decay", 0.0)))
-    elif name == "sgd":
-        tx = optax.sgd(schedule, momentum=float(optim.get("momentum", 0.9)), nesterov=True)
-        if float(optim.get("weight_decay", 0.0)):
-            tx = optax.chain(optax.add_decayed_weights(float(optim.weight_decay)), tx)
-    else:
-        raise ValueError(f"unknown optim.name {name!r}; known: adam, adamw, sgd")
-    clip = float(optim.get("grad_clip", 0.0))
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
-
-
-def restore_task_state(path: str | Path, step: int | None = None, expected_trainer: str | None = None):
-    """(task, task_state, config, metadata) of a run, replicated on this process's first device
-    whatever mesh saved it (`loop.restore_run` does the work)."""
-    one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
-    config, task, restored, metadata = restore_run(path, step, mesh=one_device, expected_trainer=expected_trainer)
-    return task, restored.state["task"], config, metadata
-
-
-def load_run(workdir: str | Path, trainer: str, step: int | None = None):
-    """(task, state, config) of a `trainer` run, for explanations and the stages that build on it."""
-    task, state, config, _ = restore_task_state(workdir, step, expected_trainer=trainer)
-    return task, state, config
-
-
-def import_attr(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
