@@ -72,7 +72,9 @@ def test_a_copy_of_the_demo_elsewhere_finds_its_stages_by_name(tmp_path, monkeyp
     copy.write_text((REPO / "configs" / "demo.py").read_text())
     monkeypatch.chdir(tmp_path)
     config = cfg_lib.load_config(f"{copy}:quick")
-    assert list(config.stage_order) == ["classifier", "iresnet", "stylegan2", "viscoin"]
+    # the copy loads the same pipeline as the package's own demo, its stages found by name
+    assert list(config.stage_order) == list(cfg_lib.load_config("demo:quick").stage_order)
+    assert {"classifier", "stylegan2", "viscoin"} <= set(config.stage_order)
     assert config.stages.viscoin.train.num_steps == 4
 
 
