@@ -193,8 +193,7 @@ def resolve_auto(impl: str, tuning_key: str) -> str:
     return "pallas" if family in ("gpu", "tpu") and kernel_wins(family, tuning_key) else "xla"
 
 
-def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: Sequence[bool] | None = None,
-             tuning_key: str | None = None):
+def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: Sequence[bool] | None = None):
     """Run `xla_fn(*args)` or `kernel_fn(*args, backend=...)` according to `impl`.
 
     - "xla": the reference.
@@ -202,7 +201,7 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     - "tpu_interpret": the TPU variant in Pallas's TPU interpreter, for CPU tests of the TPU path.
     - "pallas": the kernel compiled for the platform being lowered for; on a platform without a
       Pallas compiler (CPU) it runs in interpret mode, which is correct but slow.
-    - "auto": `resolve_auto(impl, tuning_key)`: the kernel only where a measured table says it wins.
+    "auto" is resolved by the public op first (`resolve_auto`, from its call's tuning key).
 
     The platform is the host's backend unless `lowering_for(...)` names another (module docstring).
 
@@ -211,9 +210,7 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     """
     check_impl(impl)
     if impl == "auto":
-        if tuning_key is None:
-            raise ValueError('impl="auto" needs the tuning key of the call\'s shape')
-        impl = resolve_auto(impl, tuning_key)
+        raise ValueError('dispatch takes a concrete impl: resolve impl="auto" with resolve_auto first')
     if impl == "xla":
         return xla_fn(*args)
     batched = tuple(batched) if batched is not None else (True,) + (False,) * (len(args) - 1)

@@ -52,8 +52,8 @@ def cascade_layers(model_name: str, params) -> list[str]:
     return layer_order(model_name, param_groups(params))
 
 
-def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Path, *, key: int = 0,
-                  settings=None) -> dict:
+def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Path, *, settings: dict,
+                  key: int = 0) -> dict:
     """Adebayo et al.'s model-randomisation check: re-initialise f's layers from the top down (cascading,
     each leaf drawn from N(mean, std) of its trained values) and compare each method's map with the
     trained model's map by the Spearman rank correlation of |map|, per image (the first
@@ -62,7 +62,6 @@ def _sanity_check(bundle: ClassifierBundle, images, pred, maps, report, out: Pat
     explain the model."""
     layers = cascade_layers(bundle.architecture, bundle.params)
     rng = jax.random.fold_in(jax.random.key(key), 7)
-    settings = settings or registry.resolve_settings()
     count = int(settings["sanity_check"]["images"])
     images, targets = images[:count], np.asarray(pred)[:count]
     maps = {name: m[:count] for name, m in maps.items()}
