@@ -21,7 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:config.loss.lpips_weights is emp
 
 SMALL_LATENT = LatentSettings(projection_steps=4, direction_samples=64, num_series=5, interpolation_steps=3,
                               ig_steps=5, coverage_samples=70)
-SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2, cc_test_images=12)
+SMALL_CONCEPTS = ConceptSettings(top_k=2, num_training_images=16, top_images=3, max_images_drawn=2, cc_test_images=12,
+                                 ff_test_images=10)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,8 @@ def test_metrics_and_arrays_are_consistent(viscoin_report):
     with np.load(viscoin_report / "faithfulness.npz") as a:
         np.testing.assert_allclose(a["median"], np.median(a["per_image"], axis=1))
         assert metrics["FF median (tau 0.2)"] == pytest.approx(float(a["median"][1]))
+        # the median is over the 10 held-out images asked for, not the 3 explained ones
+        assert a["per_image"].shape == (3, 10) and metrics["FF images"] == 10
     with np.load(viscoin_report / "consistency.npz") as a:
         acc, pairs = a["accuracy"], a["test_pairs"]
         # pairs only where the concept is active, on the 12 held-out images (not the 3 explained)
