@@ -48,6 +48,10 @@ def get_config(arg=None):
         ema_kimg=20.0,
         ema_rampup=0.0,  # none
         num_samples=64,
+        # dynamic loss scaling, used by a network whose blocks run in float16 (mixed_precision=float16):
+        # the starting scale and the finite updates after which it doubles (it halves on an overflow)
+        loss_scale_initial=2.0 ** 15,
+        loss_scale_period=2000,
     ))
     adam = dict(learning_rate=0.0025, b1=0.0, b2=0.99, eps=1e-8)
     c.optim_g = ConfigDict(adam)

@@ -53,6 +53,10 @@ def get_config(arg=None):
         ema_kimg=2.0,  # half-life of the G_ema average in thousands of images
         ema_rampup=0.05,  # <= 0: no ramp-up
         num_samples=16,  # G_ema sample grid from fixed latents
+        # dynamic loss scaling, used by a network whose blocks run in float16 (mixed_precision=float16):
+        # the starting scale and the finite updates after which it doubles (it halves on an overflow)
+        loss_scale_initial=2.0 ** 15,
+        loss_scale_period=2000,
     ))
     adam = dict(learning_rate=0.0025, b1=0.0, b2=0.99, eps=1e-8)
     c.optim_g = ConfigDict(adam)

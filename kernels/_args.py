@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-IMPLS = ("auto", "pallas", "interpret", "tpu_interpret", "xla")
+IMPLS = ("auto", "pallas", "interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret", "xla")
 
 
 def parse_scaling(value, name: str) -> tuple[int, int]:

@@ -35,13 +35,16 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from ._args import check_impl
-from .tuning import kernel_wins, tuning_device_kind
+from .tuning import table_winner, tuning_device_kind
 
 # Backends of the kernel wrappers: "gpu" compiles through Triton, "tpu" through Mosaic,
 # "interpret" runs the GPU variant of the kernels in the Pallas interpreter (any platform), and
 # "tpu_interpret" runs the TPU variant (VMEM/SMEM windows, sequential grid axes) in Pallas's TPU
-# interpreter, so the TPU code path is tested on CPU too.
-KERNEL_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret")
+# interpreter, so the TPU code path is tested on CPU too. "mosaic_gpu" compiles the Mosaic GPU variant
+# (NVIDIA Hopper and newer; upfirdn2d only so far) and "mosaic_gpu_interpret" runs it in jax's GPU
+# interpreter (jax >= 0.11).
+KERNEL_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
+MOSAIC_GPU_IMPLS = ("mosaic_gpu", "mosaic_gpu_interpret")
 
 
 # The platforms being traced for: None = the host's default backend; ("any",) = every platform.
@@ -150,6 +153,11 @@ def uses_tpu_layout(backend: str) -> bool:
     return backend in ("tpu", "tpu_interpret")
 
 
+def uses_mosaic_gpu(backend: str) -> bool:
+    """Whether the wrapper builds the Mosaic GPU variant of a kernel."""
+    return backend in MOSAIC_GPU_IMPLS
+
+
 def interpret_mode(backend: str):
     """The `interpret` argument of pallas_call for a kernel backend."""
     if backend == "tpu_interpret":
@@ -190,7 +198,12 @@ def resolve_auto(impl: str, tuning_key: str) -> str:
     if impl != "auto":
         return impl
     family = target_family()
-    return "pallas" if family in ("gpu", "tpu") and kernel_wins(family, tuning_key) else "xla"
+    if family not in ("gpu", "tpu"):
+        return "xla"
+    winner = table_winner(family, tuning_key)
+    if winner == "mosaic_gpu" and (family != "gpu" or "rocm" in (_TARGET.get() or ())):
+        return "xla"  # a Mosaic GPU winner is for NVIDIA GPUs only
+    return winner
 
 
 def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: Sequence[bool] | None = None):
@@ -201,6 +214,10 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     - "tpu_interpret": the TPU variant in Pallas's TPU interpreter, for CPU tests of the TPU path.
     - "pallas": the kernel compiled for the platform being lowered for; on a platform without a
       Pallas compiler (CPU) it runs in interpret mode, which is correct but slow.
+    - "mosaic_gpu": the Mosaic GPU variant, for NVIDIA Hopper and newer (traced for cuda; on CPU it
+      runs in jax's GPU interpreter where jax has one, and elsewhere is refused with a message).
+      Traced for several platforms, the XLA reference serves every platform but cuda.
+    - "mosaic_gpu_interpret": the Mosaic GPU variant in jax's GPU interpreter (jax >= 0.11), for CPU tests.
     "auto" is resolved by the public op first (`resolve_auto`, from its call's tuning key).
 
     The platform is the host's backend unless `lowering_for(...)` names another (module docstring).
@@ -218,10 +235,19 @@ def dispatch(impl: str, xla_fn: Callable, kernel_fn: Callable, *args, batched: S
     def kernel(backend):
         return shard_over_batch(functools.partial(kernel_fn, backend=backend), batched)
 
-    if impl in ("interpret", "tpu_interpret"):
+    if impl in ("interpret", "tpu_interpret", "mosaic_gpu_interpret"):
         return kernel(impl)(*args)
-    default = kernel("interpret")  # "pallas" on a platform without a Pallas compiler
     family = target_family()
+    if impl == "mosaic_gpu":
+        if family == "gpu" and "rocm" not in (_TARGET.get() or ()):
+            return kernel("mosaic_gpu")(*args)
+        if family == "cpu":
+            return kernel("mosaic_gpu_interpret")(*args)
+        if family is None:
+            return jax.lax.platform_dependent(*args, cuda=kernel("mosaic_gpu"), default=xla_fn)
+        raise ValueError(f'impl="mosaic_gpu" targets NVIDIA GPUs (Hopper and newer), not {family} '
+                         f"({_TARGET.get() or jax.default_backend()}); use impl=\"pallas\" or \"auto\"")
+    default = kernel("interpret")  # "pallas" on a platform without a Pallas compiler
     if family == "cpu":
         return default(*args)
     if family in ("gpu", "tpu"):

@@ -151,7 +151,19 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def mosaic_gpu_capable() -> bool:
+    """Whether the first device is an NVIDIA GPU of compute capability 9.0 or newer (Hopper+), where
+    the Mosaic GPU variant runs."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return jax.default_backend() == "gpu" and cc is not None and float(cc) >= 9.0
+    except ValueError:
+        return False
+
+
 def default_impls(platform: str) -> list[str]:
+    if platform == "gpu" and mosaic_gpu_capable():
+        return ["xla", "pallas", "mosaic_gpu", "auto"]
     if platform in ("gpu", "tpu"):
         return ["xla", "pallas", "auto"]
     return ["xla", "auto"]  # the Pallas interpreter is a correctness tool, not a fast path
@@ -168,6 +180,8 @@ def run(resolutions, batch, impls, repeats, dtype, ops, copy_bytes) -> list[dict
             for backward in (False, True):
                 base_ms = None
                 for impl in impls:
+                    if impl in ("mosaic_gpu", "mosaic_gpu_interpret") and layer.op != "upfirdn2d":
+                        continue  # the convolution has no Mosaic GPU variant yet
                     fn, args = _make_fn(layer, impl, backward, dtype)
                     ms = time_fn(fn, args, repeats)
                     base_ms = ms if impl == "xla" else base_ms
@@ -241,8 +255,10 @@ def write_table(rows, where: str, platform: str, batch: int, precision: str = "d
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(table, fh, indent=1)
-    wins = sum(e["winner"] == "pallas" for e in table["entries"])
-    print(f"tuning table for {kind}: {path} (Pallas wins {wins} of {len(table['entries'])} layer shapes)")
+    wins = sum(e["winner"] != "xla" for e in table["entries"])
+    mosaic = sum(e["winner"] == "mosaic_gpu" for e in table["entries"])
+    print(f"tuning table for {kind}: {path} (a Pallas kernel wins {wins} of {len(table['entries'])} layer "
+          f"shapes, {mosaic} of them Mosaic GPU's)")
     tuning.load_table.cache_clear()
     return path
 
@@ -253,7 +269,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=None, help="default: 32 on GPU/TPU, 1 on CPU")
     p.add_argument("--resolutions", type=int, nargs="+", choices=sorted(GENERATORS), default=None,
                    help="generator resolutions whose layers are timed (default: 256 1024; 256 on CPU)")
-    p.add_argument("--impls", nargs="+", choices=["xla", "pallas", "auto", "interpret"], default=None)
+    p.add_argument("--impls", nargs="+", choices=["xla", "pallas", "mosaic_gpu", "auto", "interpret"], default=None)
     p.add_argument("--ops", nargs="+", choices=["upfirdn2d", "modconv"], default=["upfirdn2d", "modconv"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=None)

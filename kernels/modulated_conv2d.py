@@ -164,7 +164,9 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
       up: 2 = transposed stride-2 convolution then FIR blur. down: 2 = FIR blur then stride-2 conv.
       padding: int, (x, y) or (x0, x1, y0, y1), as the reference's conv2d_resample.
       resample_filter: FIR filter for up/down (default: setup_filter([1, 3, 3, 1])).
-      impl: "auto" | "pallas" | "interpret" | "xla".
+      impl: "auto" | "pallas" | "interpret" | "tpu_interpret" | "xla"; "mosaic_gpu" /
+        "mosaic_gpu_interpret" run the Triton / interpreted kernel: the convolution has no Mosaic GPU
+        variant yet (upfirdn2d has), so a model given impl="mosaic_gpu" runs it for its filters only.
       block_sizes: a `ConvBlockSizes` to tile the Pallas kernels with (see its docstring), or None for
         the automatic choice. Tiles change the summation order only; "xla" ignores them.
 
@@ -188,6 +190,7 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         _phases.plan_1d(x.shape[1], 1, 1, pads[2], pads[3], weight.shape[0], "modulated_conv2d (height)")
 
     impl = resolve_auto(impl, modconv_key(x.shape, weight.shape, up, down, padding, demodulate, x.dtype))
+    impl = {"mosaic_gpu": "pallas", "mosaic_gpu_interpret": "interpret"}.get(impl, impl)
 
     def xla_fn(x, weight, styles):
         return modulated_conv2d_reference(x, weight, styles, demodulate, up, down, padding, f)

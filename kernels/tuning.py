@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 TUNING_DIR_ENV = "VISCOIN_JAX_TUNING_DIR"
 TABLE_FORMAT = 1
-WINNERS = ("pallas", "xla")
+# "mosaic_gpu": the Mosaic GPU variant (NVIDIA Hopper and newer; upfirdn2d only), a winner only where timed
+WINNERS = ("pallas", "mosaic_gpu", "xla")
 
 # The device kind the dispatch consults when tracing for a platform that is not the host's
 # (ahead-of-time compilation for a TPU or GPU topology names it); None = the host's first device.
@@ -137,28 +138,33 @@ def _say_once(message: str) -> None:
     log.info(message)
 
 
-def kernel_wins(family: str, key: str) -> bool:
-    """Whether "auto" runs the Pallas kernel for `key` on `family`'s current device kind: only when
-    that kind's table lists the key with the kernel as winner. One log line per device kind says
-    which table decides (or that none exists, so "auto" is XLA there)."""
+def table_winner(family: str, key: str) -> str:
+    """The path "auto" runs for `key` on `family`'s current device kind: the table's winner ("pallas",
+    "mosaic_gpu" or "xla") when that kind's table lists the key, "xla" otherwise. One log line per
+    device kind says which table decides (or that none exists, so "auto" is XLA there)."""
     kind = current_device_kind(family)
     if kind is None:
         _say_once(f'impl="auto" traced for {family} without a device kind: the XLA path everywhere')
-        return False
+        return "xla"
     found = load_table(kind)
     if found is None:
         _say_once(f'impl="auto" on {kind}: no tuning table ({table_file_name(kind)}), so the XLA path '
                   f"everywhere; `viscoin-jax bench-kernels --write-table` measures one")
-        return False
+        return "xla"
     winners, source = found
-    _say_once(f'impl="auto" on {kind}: tuning table {source} ({sum(w == "pallas" for w in winners.values())} '
-              f"of {len(winners)} measured shapes run the Pallas kernel, the rest XLA)")
-    return winners.get(key) == "pallas"
+    _say_once(f'impl="auto" on {kind}: tuning table {source} ({sum(w != "xla" for w in winners.values())} '
+              f"of {len(winners)} measured shapes run a Pallas kernel, the rest XLA)")
+    return winners.get(key, "xla")
+
+
+def kernel_wins(family: str, key: str) -> bool:
+    """Whether "auto" runs a Pallas kernel (either GPU variant) for `key` (`table_winner`)."""
+    return table_winner(family, key) != "xla"
 
 
 def table_from_rows(rows, device_kind: str, platform: str, batch: int, jax_version: str) -> dict:
-    """A tuning table from bench-kernels rows: per layer key, the faster of the "pallas" and "xla"
-    forward + backward medians (the kernel must beat XLA strictly to win)."""
+    """A tuning table from bench-kernels rows: per layer key, the fastest of the "pallas", "mosaic_gpu"
+    (where timed) and "xla" forward + backward medians (a kernel must beat XLA strictly to win)."""
     by_key: dict[str, dict] = {}
     for r in rows:
         if r["pass_"] != "fwd+bwd" or r["impl"] not in WINNERS:
@@ -166,9 +172,11 @@ def table_from_rows(rows, device_kind: str, platform: str, batch: int, jax_versi
         by_key.setdefault(r["key"], {"layer": r["layer"]})[f"{r['impl']}_ms"] = r["ms"]
     entries = []
     for key, e in sorted(by_key.items()):
-        if "pallas_ms" not in e or "xla_ms" not in e:
+        times = {w: e[f"{w}_ms"] for w in WINNERS if f"{w}_ms" in e}
+        if "xla" not in times or len(times) < 2:
             continue
-        e["winner"] = "pallas" if e["pallas_ms"] < e["xla_ms"] else "xla"
+        best = min(times, key=times.get)
+        e["winner"] = best if times[best] < times["xla"] else "xla"
         entries.append({"key": key, **e})
     return {"format": TABLE_FORMAT, "device_kind": device_kind, "platform": platform, "batch": batch,
             "jax": jax_version, "entries": entries}

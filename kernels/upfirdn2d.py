@@ -4,6 +4,8 @@ Layout of this module (the JAX Pallas ops pattern):
 - `_upfirdn2d_kernel`: the Pallas kernel body (one tile of output rows x columns x channels).
 - `_upfirdn2d_pallas`: the wrapper that builds the polyphase input, grid and block specs per backend
   (tiles and the TPU VMEM budget: `plans`, shared with modulated_conv2d).
+- `upfirdn2d_mosaic_gpu`: the Mosaic GPU variant of kernel and wrapper (Hopper and newer,
+  impl="mosaic_gpu"), behind the same public op.
 - `upfirdn2d`: the public op, a `jax.custom_vjp` whose backward pass is again an upfirdn2d.
 - `upfirdn2d_reference`: the plain-JAX (lax) reference, used as the "xla" implementation.
 - `upsample2d`, `downsample2d`, `filter2d`: the reference's padding and gain conventions.
@@ -23,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from . import _phases
 from ._args import check_impl, filter_size, parse_padding, parse_scaling
-from ._dispatch import dispatch, interpret_mode, jit_per_shape, resolve_auto, uses_tpu_layout
+from ._dispatch import dispatch, interpret_mode, jit_per_shape, resolve_auto, uses_mosaic_gpu, uses_tpu_layout
 from .plans import compiler_params, fir_plans as _plans, fir_tiles as _tiles, fits_tpu_vmem
 from .plans import fir_tpu_vmem_estimate as tpu_vmem_estimate
 from .tuning import upfirdn2d_key
@@ -169,6 +171,14 @@ def _upfirdn2d_pallas(x, f, *, up, down, padding, flip_filter, gain, backend):
     return _phases.merge_phases(y, plan_y, plan_x)[..., :c]
 
 
+@jit_per_shape(static_argnames=("up", "down", "padding", "flip_filter", "gain", "backend"))
+def _upfirdn2d_mgpu(x, f, *, up, down, padding, flip_filter, gain, backend):
+    """The Mosaic GPU wrapper (upfirdn2d_mosaic_gpu) on this op's arguments."""
+    from .upfirdn2d_mosaic_gpu import _upfirdn2d_mosaic_gpu
+    return _upfirdn2d_mosaic_gpu(x, _correlation_filter_2d(f, flip_filter, gain), up=up, down=down,
+                                 padding=padding, interpret=backend == "mosaic_gpu_interpret")
+
+
 # --------------------------------------------------------------------------------------------------
 # Public op
 
@@ -183,6 +193,9 @@ def _upfirdn2d_impl(x, f, up, down, padding, flip_filter, gain, impl):
         return upfirdn2d_reference(x, f, up, down, padding, flip_filter, gain)
 
     def kernel_fn(x, f, backend):
+        if uses_mosaic_gpu(backend):
+            return _upfirdn2d_mgpu(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter,
+                                   gain=gain, backend=backend)
         if uses_tpu_layout(backend) and not fits_tpu_vmem(
                 tpu_vmem_estimate(x.shape, f.shape, up, down, padding), f"upfirdn2d: x {x.shape}"):
             return xla_fn(x, f)
@@ -224,7 +237,8 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0, impl="
       padding: int, (x, y) or (x0, x1, y0, y1).
       flip_filter: False convolves (the reference's default), True correlates.
       gain: multiplies the filter (per dimension, as sqrt(gain), for a separable filter).
-      impl: "auto" | "pallas" | "interpret" | "xla".
+      impl: "auto" | "pallas" | "interpret" | "tpu_interpret" | "mosaic_gpu" | "mosaic_gpu_interpret" |
+        "xla" ("mosaic_gpu": the Mosaic GPU kernel, NVIDIA Hopper and newer; see kernels/_dispatch.py).
 
     Differentiable in x and f under every impl, to any order: the gradient w.r.t. x is again an
     upfirdn2d (the same kernel), the gradient w.r.t. f comes from the reference.

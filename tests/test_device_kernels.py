@@ -76,8 +76,16 @@ def test_upfirdn2d_on_device_equals_xla(case, dtype):
         return jax.jit(lambda x: (upfirdn2d(x, filt, up=up, down=down, padding=padding, impl=impl),
                                   jax.grad(loss)(x), second(x)))
 
-    for a, b in zip(f("pallas")(x), f("xla")(x)):
-        _close(a, b, dtype)
+    impls = ["pallas"] + (["mosaic_gpu"] if _hopper_or_newer() else [])
+    ref = f("xla")(x)
+    for impl in impls:  # the Triton (or TPU Mosaic) kernel, and on Hopper+ the Mosaic GPU variant too
+        for a, b in zip(f(impl)(x), ref):
+            _close(a, b, dtype)
+
+
+def _hopper_or_newer():
+    from viscoin_jax.kernels.bench import mosaic_gpu_capable
+    return mosaic_gpu_capable()
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:2])

@@ -74,7 +74,7 @@ def test_auto_follows_the_table_per_shape(table_dir, platform):
 
 def test_the_keys_bench_kernels_writes_are_the_keys_the_ops_look_up(monkeypatch):
     seen = []
-    monkeypatch.setattr(_dispatch, "kernel_wins", lambda family, key: seen.append(key) or False)
+    monkeypatch.setattr(_dispatch, "table_winner", lambda family, key: seen.append(key) or "xla")
     layers = [bench.Layer("conv up", "modconv", (2, 5, 7, 6), (3, 3, 6, 4), up=2),
               bench.Layer("conv", "modconv", (2, 9, 5, 6), (3, 3, 6, 4), padding=1),
               bench.Layer("toRGB", "modconv", (2, 9, 5, 6), (1, 1, 6, 3), demodulate=False),

@@ -88,11 +88,19 @@ def test_a_bfloat16_training_step_lowers_the_loss():
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
 
 
-def test_the_trainer_refuses_float16_without_loss_scaling():
+def test_the_trainer_loss_scales_exactly_the_float16_networks():
     from viscoin_jax.trainers import stylegan2 as trainer
     from viscoin_jax.training.config import load_config
 
     config = load_config("stylegan2_synthetic", ["--config.model.generator.num_fp16_res=2",
-                                                 "--config.model.generator.mixed_precision=float16"])
-    with pytest.raises(ValueError, match="float16 needs loss scaling"):
-        trainer.make_task(config)
+                                                 "--config.model.generator.mixed_precision=float16",
+                                                 "--config.model.discriminator.num_fp16_res=2",
+                                                 "--config.model.discriminator.mixed_precision=bfloat16"])
+    task = trainer.make_task(config)
+    assert task.scaled == {"G": True, "D": False}  # bfloat16 has float32's range: no scale
+    state = jax.eval_shape(task.init, jax.random.key(0))
+    assert "G_loss_scale" in state and "D_loss_scale" not in state
+    for bad, match in (("--config.stylegan2.loss_scale_period=0", "loss_scale_period must be >= 1"),
+                       ("--config.stylegan2.loss_scale_initial=0.5", "loss_scale_initial must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            trainer.make_task(load_config("stylegan2_synthetic", [bad]))

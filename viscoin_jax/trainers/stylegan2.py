@@ -33,8 +33,14 @@ with 4 train the same run up to the order of sums. The FID gathers G_ema to ever
 Precision: as the reference, the `num_fp16_res` highest resolutions of G and D compute in a reduced
 dtype with `conv_clamp` on their activations, everything else in float32; parameters, optimiser
 state and gradients stay float32 (master weights). The reduced dtype is `mixed_precision`: "auto"
-is bfloat16 on GPU and TPU and float32 on CPU; float16 (the reference's) would need loss scaling and
-is refused.
+is bfloat16 on GPU and TPU and float32 on CPU; float16 (the reference's) is trained with dynamic loss
+scaling (`training.loss_scale`), G and D each with their own scale: every phase's loss is scaled before
+its backward pass and its gradients unscaled in float32; a phase whose gradients are not finite skips
+its update (parameters and Adam state unchanged) and halves that network's scale, which doubles after
+`stylegan2.loss_scale_period` finite updates. The scales live in the task state ("G_loss_scale",
+"D_loss_scale", checkpointed with it) and are logged as the metrics G_loss_scale / D_loss_scale
+(with G_skipped / D_skipped, the updates skipped in the step). R1's and path length's inner
+gradients (of D's logits w.r.t. the images, of G's images w.r.t. w) are not scaled.
 Conditional training (`c_dim > 0`) is not implemented and is rejected.
 """
 
@@ -56,6 +62,7 @@ from ..explain.bundles import LatentModels
 from ..metrics import fid as fid_lib
 from ..models.stylegan2 import Discriminator, Generator, style_mixing
 from . import ada as ada_lib
+from ..training import loss_scale
 from ..training.batches import train_batches
 from ..training.runs import load_run
 from . import stylegan2_losses as losses
@@ -78,6 +85,11 @@ def build_discriminator(model_cfg: Any, rngs: nnx.Rngs) -> Discriminator:
     return Discriminator(**_kwargs(model_cfg.discriminator), rngs=rngs)
 
 
+def uses_float16(model_cfg: Any) -> bool:
+    """Whether a network's reduced-precision blocks run in float16 (and so need loss scaling)."""
+    return int(model_cfg.get("num_fp16_res", 0)) > 0 and model_cfg.get("mixed_precision", "auto") == "float16"
+
+
 def _adam(optim: Any, interval: int) -> optax.GradientTransformation:
     """Adam with the reference's lazy-regularisation adjustment of lr and betas."""
     lr, b1, b2 = losses.lazy_adam_hparams(float(optim.learning_rate), float(optim.b1),
@@ -91,9 +103,6 @@ def _check_config(config: Any) -> None:
         raise ValueError("conditional StyleGAN2 training (c_dim > 0) is not implemented")
     res = int(config.data.resolution)
     for name, m in (("generator", g), ("discriminator", d)):
-        if int(m.get("num_fp16_res", 0)) > 0 and m.get("mixed_precision", "auto") == "float16":
-            raise ValueError(f"config.model.{name}.mixed_precision=float16 needs loss scaling, which this "
-                             "trainer does not do; use bfloat16 (same range as float32) or auto")
         if int(m.img_resolution) != res:
             raise ValueError(f"config.model.{name}.img_resolution={m.img_resolution} differs from "
                              f"config.data.resolution={res}")
@@ -105,6 +114,10 @@ def _check_config(config: Any) -> None:
     batch = int(config.train.batch_size)
     if s.pl_interval > 0 and batch // int(s.pl_batch_shrink) < 1:
         raise ValueError(f"pl_batch_shrink={s.pl_batch_shrink} leaves no latents of a batch of {batch}")
+    if float(s.get("loss_scale_initial", loss_scale.INITIAL_SCALE)) < 1.0:
+        raise ValueError(f"config.stylegan2.loss_scale_initial must be >= 1, got {s.loss_scale_initial}")
+    if int(s.get("loss_scale_period", loss_scale.PERIOD)) < 1:
+        raise ValueError(f"config.stylegan2.loss_scale_period must be >= 1, got {s.loss_scale_period}")
     if config.ada.enabled and not 0.0 <= float(config.ada.initial_p) <= 1.0:
         raise ValueError(f"config.ada.initial_p must be in [0, 1], got {config.ada.initial_p}")
 
@@ -118,6 +131,9 @@ class StyleGAN2Task(Task):
         self.r1_interval, self.pl_interval = int(s.r1_interval), int(s.pl_interval)
         self.tx_g = _adam(config.optim_g, self.pl_interval)
         self.tx_d = _adam(config.optim_d, self.r1_interval)
+        # which networks train with a loss scale (those with float16 blocks)
+        self.scaled = {"G": uses_float16(config.model.generator), "D": uses_float16(config.model.discriminator)}
+        self.loss_scale_period = int(s.get("loss_scale_period", loss_scale.PERIOD))
         g = nnx.eval_shape(lambda: build_generator(config.model, nnx.Rngs(0)))
         d = nnx.eval_shape(lambda: build_discriminator(config.model, nnx.Rngs(0)))
         self.g_graphdef, _, _ = nnx.split(g, nnx.Param, ...)
@@ -150,7 +166,27 @@ class StyleGAN2Task(Task):
         }
         if self.d_has_vars:
             state["D_vars"] = d_vars
+        for net, scaled in self.scaled.items():
+            if scaled:
+                state[f"{net}_loss_scale"] = loss_scale.init(
+                    float(self.config.stylegan2.get("loss_scale_initial", loss_scale.INITIAL_SCALE)))
         return state
+
+    def _update(self, net: str, loss_fn, params, opt_state, scales: dict, *args):
+        """One phase's optimiser step of `net` ("G"/"D"): ((loss, aux), grads, params, opt_state,
+        grad norm, skipped), loss-scaled when `net` has float16 blocks (`scales[net]` is then replaced
+        by the adjusted scale state)."""
+        tx = self.tx_g if net == "G" else self.tx_d
+        if not self.scaled[net]:
+            value, grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *args)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (value, optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads),
+                    jnp.zeros((), jnp.float32))
+        value, grads, finite = loss_scale.value_and_grad(loss_fn, scales[net], has_aux=True)(params, *args)
+        params, opt_state = loss_scale.apply_if_finite(tx, grads, opt_state, params, finite)
+        scales[net] = loss_scale.adjust(scales[net], finite, period=self.loss_scale_period)
+        return (value, params, opt_state, loss_scale.finite_norm(grads, finite),
+                1.0 - finite.astype(jnp.float32))
 
     def generator(self, params, g_vars) -> Generator:
         return nnx.merge(self.g_graphdef, params, g_vars)
@@ -204,18 +240,17 @@ class StyleGAN2Task(Task):
             _, _, new_vars = nnx.split(G, nnx.Param, ...)
             return losses.g_nonsaturating_loss(logits), (new_vars, logits)
 
-        (g_loss, (g_vars, g_logits)), g_grads = jax.value_and_grad(g_main_loss, has_aux=True)(
-            state["G"], state["G_vars"])
-        updates, g_opt = self.tx_g.update(g_grads, state["G_opt"], state["G"])
-        g_params = optax.apply_updates(state["G"], updates)
-        metrics.update(G_loss=g_loss, G_fake_logits=jnp.mean(g_logits), G_grad_norm=optax.tree.norm(g_grads))
+        scales = {net: state[f"{net}_loss_scale"] for net, on in self.scaled.items() if on}
+        (g_loss, (g_vars, g_logits)), g_params, g_opt, g_norm, g_skipped = self._update(
+            "G", g_main_loss, state["G"], state["G_opt"], scales, state["G_vars"])
+        metrics.update(G_loss=g_loss, G_fake_logits=jnp.mean(g_logits), G_grad_norm=g_norm)
 
         # Greg: lazy path length -----------------------------------------------------------------
         pl_mean = state["pl_mean"]
         pl_penalty = pl_len = jnp.zeros((), jnp.float32)
         if self.pl_interval > 0 and float(s.pl_weight) > 0:
             def greg(operands):
-                g_params, g_opt, pl_mean, g_vars = operands
+                g_params, g_opt, pl_mean, g_vars, g_scale = operands
 
                 def pl_loss(g_params):
                     G = self.generator(g_params, jax.tree.map(lambda x: x, g_vars))
@@ -228,21 +263,25 @@ class StyleGAN2Task(Task):
                         pl_decay=float(s.pl_decay), interval=self.pl_interval)
                     return loss, (aux, nnx.split(G, nnx.Param, ...)[2])
 
-                (loss, (aux, g_vars)), grads = jax.value_and_grad(pl_loss, has_aux=True)(g_params)
-                upd, g_opt = self.tx_g.update(grads, g_opt, g_params)
-                return (optax.apply_updates(g_params, upd), g_opt, aux["pl_mean"], g_vars,
-                        jnp.mean(aux["pl_penalty"]), jnp.mean(aux["pl_lengths"]))
+                local = {"G": g_scale}
+                (_, (aux, g_vars)), g_params, g_opt, _, skipped = self._update("G", pl_loss, g_params, g_opt, local)
+                return (g_params, g_opt, aux["pl_mean"], g_vars, local["G"],
+                        jnp.mean(aux["pl_penalty"]), jnp.mean(aux["pl_lengths"]), skipped)
 
             def skip(operands):
-                g_params, g_opt, pl_mean, g_vars = operands
-                return g_params, g_opt, pl_mean, g_vars, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+                zero = jnp.zeros((), jnp.float32)
+                return (*operands, zero, zero, zero)
 
-            operands = (g_params, g_opt, pl_mean, g_vars)
+            operands = (g_params, g_opt, pl_mean, g_vars, scales.get("G"))
             if variant is None:
-                g_params, g_opt, pl_mean, g_vars, pl_penalty, pl_len = jax.lax.cond(
+                g_params, g_opt, pl_mean, g_vars, g_scale, pl_penalty, pl_len, skipped = jax.lax.cond(
                     step % self.pl_interval == 0, greg, skip, operands)
             else:
-                g_params, g_opt, pl_mean, g_vars, pl_penalty, pl_len = (greg if variant[0] else skip)(operands)
+                g_params, g_opt, pl_mean, g_vars, g_scale, pl_penalty, pl_len, skipped = (
+                    greg if variant[0] else skip)(operands)
+            if self.scaled["G"]:
+                scales["G"] = g_scale
+            g_skipped = g_skipped + skipped
         metrics.update(pl_penalty=pl_penalty, pl_lengths=pl_len, pl_mean=pl_mean)
 
         # Dmain ----------------------------------------------------------------------------------
@@ -257,35 +296,45 @@ class StyleGAN2Task(Task):
             real_logits = self._d_fn(state, d_params, p, keys["d_aug_real"])(real)
             return losses.d_logistic_loss(real_logits, fake_logits), (real_logits, fake_logits)
 
-        (d_loss, (real_logits, fake_logits)), d_grads = jax.value_and_grad(d_main_loss, has_aux=True)(state["D"])
-        updates, d_opt = self.tx_d.update(d_grads, state["D_opt"], state["D"])
-        d_params = optax.apply_updates(state["D"], updates)
+        (d_loss, (real_logits, fake_logits)), d_params, d_opt, d_norm, d_skipped = self._update(
+            "D", d_main_loss, state["D"], state["D_opt"], scales)
         metrics.update(D_loss=d_loss, D_real_logits=jnp.mean(real_logits),
                        D_fake_logits=jnp.mean(fake_logits), D_real_sign=jnp.mean(jnp.sign(real_logits)),
-                       D_grad_norm=optax.tree.norm(d_grads))
+                       D_grad_norm=d_norm)
 
         # Dreg: lazy R1 --------------------------------------------------------------------------
         r1 = jnp.zeros((), jnp.float32)
         if self.r1_interval > 0 and float(s.r1_gamma) > 0:
             def dreg(operands):
-                d_params, d_opt = operands
+                d_params, d_opt, d_scale = operands
 
                 def r1_loss(d_params):
                     d_fn = self._d_fn(state, d_params, p, keys["r1_aug"])
                     return losses.r1_penalty(d_fn, real, gamma=float(s.r1_gamma), interval=self.r1_interval)
 
-                (_, aux), grads = jax.value_and_grad(r1_loss, has_aux=True)(d_params)
-                upd, d_opt = self.tx_d.update(grads, d_opt, d_params)
-                return optax.apply_updates(d_params, upd), d_opt, jnp.mean(aux["r1_penalty"])
+                local = {"D": d_scale}
+                (_, aux), d_params, d_opt, _, skipped = self._update("D", r1_loss, d_params, d_opt, local)
+                return d_params, d_opt, local["D"], jnp.mean(aux["r1_penalty"]), skipped
 
             def skip(operands):
-                return (*operands, jnp.zeros((), jnp.float32))
+                return (*operands, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
 
+            operands = (d_params, d_opt, scales.get("D"))
             if variant is None:
-                d_params, d_opt, r1 = jax.lax.cond(step % self.r1_interval == 0, dreg, skip, (d_params, d_opt))
+                d_params, d_opt, d_scale, r1, skipped = jax.lax.cond(
+                    step % self.r1_interval == 0, dreg, skip, operands)
             else:
-                d_params, d_opt, r1 = (dreg if variant[1] else skip)((d_params, d_opt))
+                d_params, d_opt, d_scale, r1, skipped = (dreg if variant[1] else skip)(operands)
+            if self.scaled["D"]:
+                scales["D"] = d_scale
+            d_skipped = d_skipped + skipped
         metrics["r1_penalty"] = r1
+        for net, scale_state in scales.items():  # the scale after this step, and the updates skipped in it
+            metrics[f"{net}_loss_scale"] = scale_state["scale"]
+        if self.scaled["G"]:
+            metrics["G_skipped"] = g_skipped
+        if self.scaled["D"]:
+            metrics["D_skipped"] = d_skipped
 
         # EMA of G ---------------------------------------------------------------------------------
         rampup = float(s.ema_rampup) if float(s.ema_rampup) > 0 else None
@@ -305,7 +354,8 @@ class StyleGAN2Task(Task):
 
         new_state = dict(state, step=step + 1, G=g_params, G_ema=g_ema, G_vars=g_vars, D=d_params,
                          G_opt=g_opt, D_opt=d_opt, pl_mean=pl_mean, ada_p=ada.p,
-                         ada_sign_sum=ada.sign_sum, ada_sign_count=ada.sign_count)
+                         ada_sign_sum=ada.sign_sum, ada_sign_count=ada.sign_count,
+                         **{f"{net}_loss_scale": scale_state for net, scale_state in scales.items()})
         return new_state, metrics
 
     # -- data, samples, metadata --------------------------------------------------------------------
