@@ -69,19 +69,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_processes(argv: list[str], processes: int = 2, devices: int = 4, timeout: int = 600) -> list[str]:
+    """Runs `python ARGV...` as `processes` processes of one JAX run (the JAX variables, a free
+    port, `devices` CPU devices each, tests/ importable); returns their logs (the test fails with
+    their tails when one exits non-zero)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes),
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("VISCOIN_DISTRIBUTED", None)
+    procs = [subprocess.Popen([sys.executable] + argv, env=dict(env, JAX_PROCESS_ID=str(k)), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in range(processes)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * processes, "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
 def test_evaluation_helpers_gather_every_process(tmp_path):
     """`evaluate_batches` runs on global batches built from each process's block, with parameters
     sharded across the processes, and every process gets all rows back; `all_processes` gathers a
     batch. Checked against numpy on the whole data."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("VISCOIN_DISTRIBUTED", None)
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "gather_worker.py"), str(tmp_path)],
-                              env=dict(env, JAX_PROCESS_ID=str(k)), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for k in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    run_processes([str(REPO / "tests" / "gather_worker.py"), str(tmp_path)], timeout=300)
     for k in range(2):
         got = np.load(tmp_path / f"process_{k}.npz")
         x, y, w = got["x"], got["y"], got["w"]
@@ -89,6 +97,41 @@ def test_evaluation_helpers_gather_every_process(tmp_path):
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got["labels"], y)
         np.testing.assert_array_equal(got["gathered_x"], x)
+
+
+def test_fid_is_split_over_processes(tmp_path):
+    """Each process generates and features its block of the samples and of the real images; the
+    gathered float64 statistics give every process the one-process FID and KID (same sample seeds),
+    and both equal numpy's on all features. Uneven blocks: 37 real rows, 19 samples of batches of
+    4, and 3 rows (one chunk: process 0 features nothing)."""
+    import fid_worker as w
+    import scipy.linalg
+
+    run_processes([str(REPO / "tests" / "fid_worker.py"), str(tmp_path)], timeout=300)
+    one = w.run()  # this process alone, with the same seeds
+    # numpy on every feature: pixels -> tanh(x W) in float64; sample batch i from fold_in(key(7), i)
+    def feats(x):
+        return np.tanh(np.asarray(x, np.float64).reshape(len(x), -1) @ w.projection().astype(np.float64))
+    key = jax.random.key(7)
+    fake_x = np.concatenate([np.asarray(w.generator_fn(jax.random.fold_in(key, i), w.BATCH)) for i in range(5)])
+    real_f, fake_f = feats(w.real_images()), feats(fake_x[:w.N_FAKE])
+    mu_r, mu_f, cov_r, cov_f = real_f.mean(0), fake_f.mean(0), np.cov(real_f.T), np.cov(fake_f.T)
+    root = scipy.linalg.sqrtm(cov_r @ cov_f).real
+    fid_np = float(np.sum((mu_r - mu_f) ** 2) + np.trace(cov_r + cov_f - 2 * root))
+    assert one["fid"] == pytest.approx(fid_np, rel=1e-4) and fid_np > 0.1
+    for k in range(2):
+        got = np.load(tmp_path / f"process_{k}.npz")
+        assert int(got["n_real"]) == w.N_REAL and int(got["n_fake"]) == w.N_FAKE
+        assert float(got["fid"]) == pytest.approx(one["fid"], rel=1e-6)
+        assert float(got["kid"]) == pytest.approx(one["kid"], rel=1e-6)
+        assert int(got["rows"]) < 0.6 * one["rows"]  # its share of the images, not all of them
+        np.testing.assert_allclose(got["real_features"], real_f, rtol=1e-5, atol=1e-6)  # in order
+        for name in ("real_mean", "real_cov", "fake_mean", "fake_cov", "few_mean", "few_cov"):
+            np.testing.assert_allclose(got[name], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got["fake_mean"], mu_f, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["fake_cov"], cov_f, rtol=1e-4, atol=1e-6)
+        assert int(got["few_n"]) == 3
+        np.testing.assert_allclose(got["few_cov"], np.cov(real_f[:3].T), rtol=1e-4, atol=1e-6)
 
 
 def _data_positions(workdir: Path, step: int) -> list[dict]:
