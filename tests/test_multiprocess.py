@@ -69,10 +69,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(argv: list[str], processes: int = 2, devices: int = 4, timeout: int = 600) -> list[str]:
+def run_processes(argv: list[str], processes: int = 2, devices: int = 4, timeout: int = 600,
+                  returncode: int = 0) -> list[str]:
     """Runs `python ARGV...` as `processes` processes of one JAX run (the JAX variables, a free
     port, `devices` CPU devices each, tests/ importable); returns their logs (the test fails with
-    their tails when one exits non-zero)."""
+    their tails when one exits with another status than `returncode`)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes),
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
@@ -81,7 +82,7 @@ def run_processes(argv: list[str], processes: int = 2, devices: int = 4, timeout
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k in range(processes)]
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * processes, "\n".join(log[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [returncode] * processes, "\n".join(log[-3000:] for log in logs)
     return logs
 
 
@@ -132,6 +133,42 @@ def test_fid_is_split_over_processes(tmp_path):
         np.testing.assert_allclose(got["fake_cov"], cov_f, rtol=1e-4, atol=1e-6)
         assert int(got["few_n"]) == 3
         np.testing.assert_allclose(got["few_cov"], np.cov(real_f[:3].T), rtol=1e-4, atol=1e-6)
+
+
+EXPLAIN = ["--images", "synthetic/blob_binary:test:6", "--methods", "gradient", "occlusion", "deletion_insertion",
+           "iresnet_counterfactual"]
+
+
+def test_explain_runs_on_process_zero(tmp_path):
+    """`viscoin-jax explain` launched as two processes: process 0 explains alone (restoring the
+    checkpoint process-locally, reading whole batches of the training images for the class means),
+    the other waits and writes nothing; both exit 0, and metrics.json and the arrays are those of
+    a one-process run on the same checkpoint. A failure on process 0 ends both with its status."""
+    from viscoin_fixtures import make_iresnet_run
+    from viscoin_jax.cli.explain import explain
+
+    run = make_iresnet_run(tmp_path / "ires")
+    cli = ["-m", "viscoin_jax.cli", "explain", "--checkpoint", str(run)]
+    logs = run_processes(cli + EXPLAIN + ["--out", str(tmp_path / "two")], timeout=600)
+    assert "process 1 waits while process 0 runs the explanations" in logs[1]
+    assert "attributions" in logs[0] and "attributions" not in logs[1]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the key images: process 0's file alone
+    explain(str(run), EXPLAIN[1], EXPLAIN[3:], str(tmp_path / "one"))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert list(two) == list(one) and "i-ResNet counterfactual L1" in one
+    for key, value in one.items():
+        assert two[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
+    for name in ("gradient", "occlusion", "iresnet_counterfactual"):
+        a, b = np.load(tmp_path / "one" / f"{name}.npz"), np.load(tmp_path / "two" / f"{name}.npz")
+        assert a.files == b.files
+        for f in a.files:
+            np.testing.assert_allclose(b[f], a[f], rtol=1e-4, atol=1e-5, err_msg=f"{name}/{f}")
+
+    logs = run_processes(cli + ["--images", "synthetic/blob_binary:test:2", "--methods", "no_such_method",
+                                "--out", str(tmp_path / "bad")], returncode=2, timeout=300)
+    assert "no_such_method" in logs[0] and "process 0 failed while running the explanations" in logs[1]
+    assert not (tmp_path / "bad").exists()
 
 
 def _data_positions(workdir: Path, step: int) -> list[dict]:

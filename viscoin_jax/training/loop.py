@@ -480,7 +480,9 @@ def restore_run(path: str | Path, step: int | None = None, *, mesh: Mesh | None 
     training code runs), and the arrays are restored onto `mesh` (default: `config.mesh` over the
     devices present, which may differ from the run's). Returns (config, task, restored, metadata);
     `restored.state["task"]` is the task state. Read-only: a save in flight is left alone."""
-    checkpointer = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
+    local = (jax.process_count() > 1 and mesh is not None
+             and all(d.process_index == jax.process_index() for d in mesh.devices.flat))
+    checkpointer = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True, this_process_only=local)
     try:
         if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
             step = checkpointer.latest_verified_step()
