@@ -2,8 +2,9 @@
 shared workdir), checked against this single process: the checkpoint restores here, the final
 evaluation equals this process's evaluation of the same parameters on the same examples, and one
 process resumes the run from the saved step (state resharded, data position redistributed).
-The StyleGAN2 run takes minutes on two cores: marked slow (the classifier tests, about 1 minute
-each)."""
+The FID and explanation tests split that work over two processes; the VisCoIN run trains on
+untrained frozen f and G (tests/viscoin_fixtures.py). The StyleGAN2 and VisCoIN runs take minutes on
+two cores: marked slow (the classifier tests, about 1 minute each)."""
 
 import json
 import os
@@ -43,6 +44,13 @@ STYLEGAN2 = [
     "--config.stylegan2.pl_interval=0", "--config.stylegan2.r1_interval=0",
     "--config.stylegan2.num_samples=0", "--config.ada.enabled=False",
     "--config.fid.num_samples=16", "--config.fid.batch_size=16", "--config.fid.fallback_input_size=75",
+]
+VISCOIN = [
+    "--config.model.branch_channels=8", "--config.train.batch_size=8", "--config.viscoin.num_generated=4",
+    "--config.viscoin.num_samples=0", "--config.train.eval_every=0", "--config.train.sample_every=0",
+    "--config.train.log_every=1", "--config.train.progress_every=0", "--config.checkpoint.every=2",
+    "--config.checkpoint.async_save=False", "--config.data.synthetic_size=64", "--config.eval.batch_size=8",
+    "--config.eval.max_batches=1", "--config.eval.final_batches=2",
 ]
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.fsdp_min_size=64"]
 DATA_PARALLEL = ["--config.mesh.data=-1", "--config.mesh.fsdp=1"]
@@ -238,3 +246,39 @@ def test_classifier_data_parallel_over_two_processes(tmp_path):
     here = classifier.full_evaluation(task, state)
     assert written["num_examples"] == here["num_examples"] == 64
     assert written["accuracy"] == pytest.approx(here["accuracy"])
+
+
+@pytest.mark.slow
+def test_viscoin_fsdp_over_two_processes(tmp_path):
+    """A tiny VisCoIN run (f and G restored process-locally by each process, Psi/Theta/Omega
+    sharded over both processes' devices) trains 2 steps; the checkpoint restores in this one
+    process, and the final evaluation both processes wrote is this process's evaluation of the
+    restored parameters, and a direct pass over the same 16 test images. About 3 minutes on two
+    cores (2 of them the two-process run)."""
+    from viscoin_fixtures import make_frozen_runs
+    from viscoin_jax.trainers import viscoin
+
+    clf, sg2, _ = make_frozen_runs(tmp_path)
+    workdir = tmp_path / "viscoin"
+    links = [f"--config.classifier_workdir={clf}", f"--config.generator_workdir={sg2}"]
+    launch("viscoin_synthetic", workdir, VISCOIN + FSDP + links + ["--config.train.num_steps=2"], 2, 4)
+    assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2]
+    written = json.loads((workdir / "viscoin_eval.json").read_text())
+    task, state, config = viscoin.load(workdir)
+    here = viscoin.final_evaluation(task, state)
+    assert written["step"] == 2 and written["num_examples"] == here["num_examples"] == 16
+    for key in ("accuracy", "classifier_accuracy", "fidelity", "mse", "perceptual"):
+        assert written[key] == pytest.approx(here[key], rel=1e-5, abs=1e-6), key
+    for tau, value in here["faithfulness"].items():
+        assert written["faithfulness"][tau] == pytest.approx(value, rel=1e-4, abs=1e-5), tau
+    # the same images read plainly in this process, through the model directly
+    batches = list(batch_lib.eval_batches(config, max_batches=2))
+    images = np.concatenate([b["image"] for b in batches]).astype(np.float32)
+    labels = np.concatenate([b["label"] for b in batches])
+    out = jax.jit(task.forward)(state["params"], images)
+    g = np.asarray(out["g_logits"]).argmax(-1)
+    f = np.asarray(out["f_logits"]).argmax(-1)
+    rec = np.asarray(out["reconstruction"], np.float64)
+    assert written["accuracy"] == pytest.approx(float(np.mean(g == labels)))
+    assert written["fidelity"] == pytest.approx(float(np.mean(g == f)))
+    assert written["mse"] == pytest.approx(float(np.mean((rec - images) ** 2)), rel=1e-4)
