@@ -15,7 +15,9 @@ counterfactuals and concepts change), a folder of images, or an `.npz` holding `
 uint8 or [-1, 1]) and optionally `labels`. Every method is also a plain function
 (`viscoin_jax.explain.attributions`, `concepts`, `latent_direction`, ...), usable from a notebook;
 this module loads a checkpoint, has its trainer turn it into the callables each report takes
-(`explanation_bundle`, `latent_models`), runs the reports and writes them.
+(`explanation_bundle`, `latent_models`), runs the reports and writes them. Launched on every
+process of a multi-process run (a pod), process 0 explains alone, on one device, and writes every
+file; the other processes wait for it and exit with its status.
 """
 
 from __future__ import annotations
