@@ -241,7 +241,9 @@ class Checkpointer:
     Keeps the latest `max_to_keep` checkpoints plus, when `best_metric` is set, the best one by
     the metric passed to `save(..., metrics=...)` (`best_mode` "max" or "min"). `async_save`
     returns from `save` once the arrays are copied off the accelerator; the files are written in
-    the background (call `wait()` before reading them).
+    the background (call `wait()` before reading them). `this_process_only` (with `read_only`):
+    this process reads alone, without Orbax's barriers between processes, for restores onto its
+    own devices while the other processes do something else (`training.runs`).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, best_metric: str = "",
