@@ -2,8 +2,9 @@
 shared workdir), checked against this single process: the checkpoint restores here, the final
 evaluation equals this process's evaluation of the same parameters on the same examples, and one
 process resumes the run from the saved step (state resharded, data position redistributed).
-The StyleGAN2 run takes minutes on two cores: marked slow (the classifier tests, about 1 minute
-each)."""
+The FID and explanation tests split that work over two processes; the VisCoIN run trains on
+untrained frozen f and G (tests/viscoin_fixtures.py). The StyleGAN2 and VisCoIN runs take minutes on
+two cores: marked slow (the classifier tests, about 1 minute each)."""
 
 import json
 import os
@@ -44,6 +45,13 @@ STYLEGAN2 = [
     "--config.stylegan2.num_samples=0", "--config.ada.enabled=False",
     "--config.fid.num_samples=16", "--config.fid.batch_size=16", "--config.fid.fallback_input_size=75",
 ]
+VISCOIN = [
+    "--config.model.branch_channels=8", "--config.train.batch_size=8", "--config.viscoin.num_generated=4",
+    "--config.viscoin.num_samples=0", "--config.train.eval_every=0", "--config.train.sample_every=0",
+    "--config.train.log_every=1", "--config.train.progress_every=0", "--config.checkpoint.every=2",
+    "--config.checkpoint.async_save=False", "--config.data.synthetic_size=64", "--config.eval.batch_size=8",
+    "--config.eval.max_batches=1", "--config.eval.final_batches=2",
+]
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.fsdp_min_size=64"]
 DATA_PARALLEL = ["--config.mesh.data=-1", "--config.mesh.fsdp=1"]
 
@@ -69,19 +77,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_processes(argv: list[str], processes: int = 2, devices: int = 4, timeout: int = 600,
+                  returncode: int = 0) -> list[str]:
+    """Runs `python ARGV...` as `processes` processes of one JAX run (the JAX variables, a free
+    port, `devices` CPU devices each, tests/ importable); returns their logs (the test fails with
+    their tails when one exits with another status than `returncode`)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes),
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("VISCOIN_DISTRIBUTED", None)
+    procs = [subprocess.Popen([sys.executable] + argv, env=dict(env, JAX_PROCESS_ID=str(k)), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in range(processes)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [returncode] * processes, "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
 def test_evaluation_helpers_gather_every_process(tmp_path):
     """`evaluate_batches` runs on global batches built from each process's block, with parameters
     sharded across the processes, and every process gets all rows back; `all_processes` gathers a
     batch. Checked against numpy on the whole data."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("VISCOIN_DISTRIBUTED", None)
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "gather_worker.py"), str(tmp_path)],
-                              env=dict(env, JAX_PROCESS_ID=str(k)), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for k in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    run_processes([str(REPO / "tests" / "gather_worker.py"), str(tmp_path)], timeout=300)
     for k in range(2):
         got = np.load(tmp_path / f"process_{k}.npz")
         x, y, w = got["x"], got["y"], got["w"]
@@ -89,6 +106,77 @@ def test_evaluation_helpers_gather_every_process(tmp_path):
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got["labels"], y)
         np.testing.assert_array_equal(got["gathered_x"], x)
+
+
+def test_fid_is_split_over_processes(tmp_path):
+    """Each process generates and features its block of the samples and of the real images; the
+    gathered float64 statistics give every process the one-process FID and KID (same sample seeds),
+    and both equal numpy's on all features. Uneven blocks: 37 real rows, 19 samples of batches of
+    4, and 3 rows (one chunk: process 0 features nothing)."""
+    import fid_worker as w
+    import scipy.linalg
+
+    run_processes([str(REPO / "tests" / "fid_worker.py"), str(tmp_path)], timeout=300)
+    one = w.run()  # this process alone, with the same seeds
+    # numpy on every feature: pixels -> tanh(x W) in float64; sample batch i from fold_in(key(7), i)
+    def feats(x):
+        return np.tanh(np.asarray(x, np.float64).reshape(len(x), -1) @ w.projection().astype(np.float64))
+    key = jax.random.key(7)
+    fake_x = np.concatenate([np.asarray(w.generator_fn(jax.random.fold_in(key, i), w.BATCH)) for i in range(5)])
+    real_f, fake_f = feats(w.real_images()), feats(fake_x[:w.N_FAKE])
+    mu_r, mu_f, cov_r, cov_f = real_f.mean(0), fake_f.mean(0), np.cov(real_f.T), np.cov(fake_f.T)
+    root = scipy.linalg.sqrtm(cov_r @ cov_f).real
+    fid_np = float(np.sum((mu_r - mu_f) ** 2) + np.trace(cov_r + cov_f - 2 * root))
+    assert one["fid"] == pytest.approx(fid_np, rel=1e-4) and fid_np > 0.1
+    for k in range(2):
+        got = np.load(tmp_path / f"process_{k}.npz")
+        assert int(got["n_real"]) == w.N_REAL and int(got["n_fake"]) == w.N_FAKE
+        assert float(got["fid"]) == pytest.approx(one["fid"], rel=1e-6)
+        assert float(got["kid"]) == pytest.approx(one["kid"], rel=1e-6)
+        assert int(got["rows"]) < 0.6 * one["rows"]  # its share of the images, not all of them
+        np.testing.assert_allclose(got["real_features"], real_f, rtol=1e-5, atol=1e-6)  # in order
+        for name in ("real_mean", "real_cov", "fake_mean", "fake_cov", "few_mean", "few_cov"):
+            np.testing.assert_allclose(got[name], one[name], rtol=1e-9, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(got["fake_mean"], mu_f, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["fake_cov"], cov_f, rtol=1e-4, atol=1e-6)
+        assert int(got["few_n"]) == 3
+        np.testing.assert_allclose(got["few_cov"], np.cov(real_f[:3].T), rtol=1e-4, atol=1e-6)
+
+
+EXPLAIN = ["--images", "synthetic/blob_binary:test:6", "--methods", "gradient", "occlusion", "deletion_insertion",
+           "iresnet_counterfactual"]
+
+
+def test_explain_runs_on_process_zero(tmp_path):
+    """`viscoin-jax explain` launched as two processes: process 0 explains alone (restoring the
+    checkpoint process-locally, reading whole batches of the training images for the class means),
+    the other waits and writes nothing; both exit 0, and metrics.json and the arrays are those of
+    a one-process run on the same checkpoint. A failure on process 0 ends both with its status."""
+    from viscoin_fixtures import make_iresnet_run
+    from viscoin_jax.cli.explain import explain
+
+    run = make_iresnet_run(tmp_path / "ires")
+    cli = ["-m", "viscoin_jax.cli", "explain", "--checkpoint", str(run)]
+    logs = run_processes(cli + EXPLAIN + ["--out", str(tmp_path / "two")], timeout=600)
+    assert "process 1 waits while process 0 runs the explanations" in logs[1]
+    assert "attributions" in logs[0] and "attributions" not in logs[1]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the key images: process 0's file alone
+    explain(str(run), EXPLAIN[1], EXPLAIN[3:], str(tmp_path / "one"))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert list(two) == list(one) and "i-ResNet counterfactual L1" in one
+    for key, value in one.items():
+        assert two[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
+    for name in ("gradient", "occlusion", "iresnet_counterfactual"):
+        a, b = np.load(tmp_path / "one" / f"{name}.npz"), np.load(tmp_path / "two" / f"{name}.npz")
+        assert a.files == b.files
+        for f in a.files:
+            np.testing.assert_allclose(b[f], a[f], rtol=1e-4, atol=1e-5, err_msg=f"{name}/{f}")
+
+    logs = run_processes(cli + ["--images", "synthetic/blob_binary:test:2", "--methods", "no_such_method",
+                                "--out", str(tmp_path / "bad")], returncode=2, timeout=300)
+    assert "no_such_method" in logs[0] and "process 0 failed while running the explanations" in logs[1]
+    assert not (tmp_path / "bad").exists()
 
 
 def _data_positions(workdir: Path, step: int) -> list[dict]:
@@ -158,3 +246,39 @@ def test_classifier_data_parallel_over_two_processes(tmp_path):
     here = classifier.full_evaluation(task, state)
     assert written["num_examples"] == here["num_examples"] == 64
     assert written["accuracy"] == pytest.approx(here["accuracy"])
+
+
+@pytest.mark.slow
+def test_viscoin_fsdp_over_two_processes(tmp_path):
+    """A tiny VisCoIN run (f and G restored process-locally by each process, Psi/Theta/Omega
+    sharded over both processes' devices) trains 2 steps; the checkpoint restores in this one
+    process, and the final evaluation both processes wrote is this process's evaluation of the
+    restored parameters, and a direct pass over the same 16 test images. About 3 minutes on two
+    cores (2 of them the two-process run)."""
+    from viscoin_fixtures import make_frozen_runs
+    from viscoin_jax.trainers import viscoin
+
+    clf, sg2, _ = make_frozen_runs(tmp_path)
+    workdir = tmp_path / "viscoin"
+    links = [f"--config.classifier_workdir={clf}", f"--config.generator_workdir={sg2}"]
+    launch("viscoin_synthetic", workdir, VISCOIN + FSDP + links + ["--config.train.num_steps=2"], 2, 4)
+    assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2]
+    written = json.loads((workdir / "viscoin_eval.json").read_text())
+    task, state, config = viscoin.load(workdir)
+    here = viscoin.final_evaluation(task, state)
+    assert written["step"] == 2 and written["num_examples"] == here["num_examples"] == 16
+    for key in ("accuracy", "classifier_accuracy", "fidelity", "mse", "perceptual"):
+        assert written[key] == pytest.approx(here[key], rel=1e-5, abs=1e-6), key
+    for tau, value in here["faithfulness"].items():
+        assert written["faithfulness"][tau] == pytest.approx(value, rel=1e-4, abs=1e-5), tau
+    # the same images read plainly in this process, through the model directly
+    batches = list(batch_lib.eval_batches(config, max_batches=2))
+    images = np.concatenate([b["image"] for b in batches]).astype(np.float32)
+    labels = np.concatenate([b["label"] for b in batches])
+    out = jax.jit(task.forward)(state["params"], images)
+    g = np.asarray(out["g_logits"]).argmax(-1)
+    f = np.asarray(out["f_logits"]).argmax(-1)
+    rec = np.asarray(out["reconstruction"], np.float64)
+    assert written["accuracy"] == pytest.approx(float(np.mean(g == labels)))
+    assert written["fidelity"] == pytest.approx(float(np.mean(g == f)))
+    assert written["mse"] == pytest.approx(float(np.mean((rec - images) ** 2)), rel=1e-4)

@@ -15,7 +15,9 @@ counterfactuals and concepts change), a folder of images, or an `.npz` holding `
 uint8 or [-1, 1]) and optionally `labels`. Every method is also a plain function
 (`viscoin_jax.explain.attributions`, `concepts`, `latent_direction`, ...), usable from a notebook;
 this module loads a checkpoint, has its trainer turn it into the callables each report takes
-(`explanation_bundle`, `latent_models`), runs the reports and writes them.
+(`explanation_bundle`, `latent_models`), runs the reports and writes them. Launched on every
+process of a multi-process run (a pod), process 0 explains alone, on one device, and writes every
+file; the other processes wait for it and exit with its status.
 """
 
 from __future__ import annotations
@@ -122,9 +124,12 @@ def run_dir(checkpoint: str) -> Path:
 
 def _latest_step(run: Path) -> int:
     """The step of the run's newest checkpoint (the step the explanations' TensorBoard images carry)."""
+    import jax
+
     from ..training.checkpoint import CHECKPOINT_SUBDIR, Checkpointer
 
-    checkpointer = Checkpointer(run / CHECKPOINT_SUBDIR, read_only=True)
+    # read by the one process that explains (see `main`): no other process takes part
+    checkpointer = Checkpointer(run / CHECKPOINT_SUBDIR, read_only=True, this_process_only=jax.process_count() > 1)
     try:
         return int(checkpointer.latest_step() or 0)
     finally:
@@ -289,16 +294,26 @@ def _latent_counterfactuals(out_dir: Path, methods) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Under several processes (a pod launch) process 0 explains alone and writes every file; the
+    others wait for it and exit with its status (the explanations are small: one device does)."""
     setup_logging("INFO")
+    from ..training.distributed import ProcessZeroFailed, maybe_initialize_distributed, on_process_zero
+
     try:
         from ..explain.latent_report import LatentSettings
 
+        maybe_initialize_distributed()
         latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
-        explain(args.checkpoint, args.images, args.methods, args.out, count=args.count, generator=args.generator,
-                latent_settings=latent, autoencoder=args.autoencoder, settings=args.setting)
+        on_process_zero(lambda: explain(args.checkpoint, args.images, args.methods, args.out, count=args.count,
+                                        generator=args.generator, latent_settings=latent,
+                                        autoencoder=args.autoencoder, settings=args.setting),
+                        "the explanations", user_errors=(ValueError, FileNotFoundError))
     except (ValueError, FileNotFoundError) as e:
         print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
         return 2
+    except ProcessZeroFailed as e:
+        print(f"viscoin-jax explain: error: {e}", file=sys.stderr)
+        return 2 if e.user_error else 1
     return 0
 
 

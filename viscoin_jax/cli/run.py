@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.config import CONFIG_JSON, load_config, parse_override_args, record_config
-from ..training.distributed import maybe_initialize_distributed
+from ..training.distributed import ProcessZeroFailed, maybe_initialize_distributed, on_process_zero, process_zero
 from ..phases import format_seconds
 from ..training.monitor import RunProgress, run_progress
 from ..training.registry import trainer_module
@@ -66,7 +66,8 @@ def run_stage(name: str, config: Any, workdir: Path) -> dict:
         result.raise_if_preempted()
     metrics = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], dict) else {}
     summary = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "metrics": metrics}
-    (workdir / DONE).write_text(json.dumps(summary, indent=1, default=float))
+    if process_zero():
+        (workdir / DONE).write_text(json.dumps(summary, indent=1, default=float))
     return summary
 
 
@@ -123,12 +124,16 @@ def stage_steps(config: Any) -> list[tuple[str, int]]:
 
 
 def run_pipeline(config: Any, workdir: str | Path) -> dict:
-    """Runs every stage of `config.stages` in order, then the explanations; returns a summary."""
+    """Runs every stage of `config.stages` in order, then the explanations; returns a summary.
+
+    Under several processes every process trains the stages; process 0 alone explains (the others
+    wait for it) and writes the pipeline's files (config, DONE markers, summary, report)."""
     workdir = Path(workdir)
     check_stages(config)  # a config that cannot finish fails before the first stage trains
     workdir.mkdir(parents=True, exist_ok=True)
     # a rerun with another config keeps the first config.json (finished stages were trained with it)
-    record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
+    if process_zero():
+        record_config(config, workdir, resuming=(workdir / CONFIG_JSON).is_file())
     summary = {}
     order = list(config.stage_order)
     progress = RunProgress(stage_steps(config), later=["explain"] if config.explain.enabled else [])
@@ -138,12 +143,11 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
             progress.begin(len(order))
             log.info("%s: explanations of %s", progress.label(),
                      ", ".join(s for s in ("classifier", "iresnet", "viscoin") if s in order))
-            summary["explain"] = run_explanations(config, workdir)
-            summary["headline"] = headline(summary["explain"])
-            comparison = compare_counterfactuals(workdir / "report", summary["explain"], config.explain.images)
-            if comparison:
-                summary["counterfactual_comparison"] = comparison
+            summary.update(on_process_zero(lambda: explanation_summary(config, workdir), "the explanations",
+                                           user_errors=user_errors()) or {})
             log.info("%s: done in %s", progress.label(), format_seconds(progress.end()))
+    if not process_zero():
+        return summary
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     if summary.get("explain"):  # again, now with what `results` reads from the finished run
         from .results import collect, readings
@@ -152,6 +156,16 @@ def run_pipeline(config: Any, workdir: str | Path) -> dict:
                     comparison=summary.get("counterfactual_comparison"))
     log.info("pipeline finished: %s", workdir / "summary.json")
     return summary
+
+
+def explanation_summary(config: Any, workdir: Path) -> dict:
+    """The pipeline's explanation stage: {"explain", "headline"[, "counterfactual_comparison"]}."""
+    out = {"explain": run_explanations(config, workdir)}
+    out["headline"] = headline(out["explain"])
+    comparison = compare_counterfactuals(workdir / "report", out["explain"], config.explain.images)
+    if comparison:
+        out["counterfactual_comparison"] = comparison
+    return out
 
 
 def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary: dict) -> None:
@@ -273,6 +287,9 @@ def main(args: argparse.Namespace) -> int:
         return e.exit_code
     except user_errors() as e:  # config, data, paths: one line, exit status 2
         return report_user_error("viscoin-jax run", e)
+    except ProcessZeroFailed as e:  # another process: the explanations failed on process 0
+        print(f"viscoin-jax run: error: {e}", file=sys.stderr)
+        return 2 if e.user_error else 1
     return 0
 
 

@@ -10,6 +10,13 @@ carries that fact (`comparable_with_published`), and `FIDResult` carries it on t
 number computed with a fallback network can never pass for a standard FID.
 
 Features are computed on device in float32; everything statistical is float64 numpy / scipy.
+
+Several processes (a pod) share the work: each generates and features its contiguous block of the
+samples (and of the real images), and the float64 statistics (count, mean, sum of squared
+deviations; the rows themselves when KID needs them) are gathered once, so every process gets the
+same FID. Sample batch i always draws from `fold_in(key(seed), i)`, whoever computes it: the FID
+of N processes is the one-process FID up to the order of float64 sums. The functions that share
+work are collective then: every process calls them, with the same arguments.
 """
 
 from __future__ import annotations
@@ -191,6 +198,25 @@ class FeatureStats:
         if self.keep_features:
             self._rows.append(x)
 
+    def merge(self, other: "FeatureStats") -> None:
+        """Adds the rows `other` saw (after this one's: kept rows stay in that order)."""
+        if other.n == 0:
+            return
+        if self.dim is not None and other.dim != self.dim:
+            raise ValueError(f"feature dimension {other.dim} differs from {self.dim}")
+        if self.keep_features and not other.keep_features:
+            raise ValueError("cannot merge statistics without their rows into ones that keep them")
+        if self.n == 0:
+            self._mean, self._m2 = other._mean.copy(), other._m2.copy()
+        else:
+            n = self.n + other.n
+            delta = other._mean - self._mean
+            self._mean = self._mean + delta * (other.n / n)
+            self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        self.n += other.n
+        if self.keep_features:
+            self._rows.append(other.features)
+
     @property
     def mean(self) -> np.ndarray:
         if self.n == 0:
@@ -242,6 +268,62 @@ class FeatureStats:
         if d < 1 or stats._m2.shape != (d, d) or stats.n < 1:
             raise ValueError(f"{path} is not a FeatureStats file: inconsistent shapes")
         return stats
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def process_block(num_items: int, batch_size: int) -> tuple[int, int]:
+    """(start, stop): this process's contiguous block of rows of `num_items`, whole batches of
+    `batch_size` (batch i is rows [i * batch_size, (i + 1) * batch_size)) divided as evenly as the
+    batch count allows; (0, num_items) when one process runs. The blocks follow the process order,
+    so concatenating them gives the rows in order."""
+    batches = math.ceil(num_items / batch_size)
+    p, count = jax.process_index(), jax.process_count()
+    first, last = p * batches // count, (p + 1) * batches // count
+    return min(first * batch_size, num_items), min(last * batch_size, num_items)
+
+
+def _allgather_exact(x: np.ndarray) -> np.ndarray:
+    """[P, *x.shape]: x from every process, bit for bit (float64 travels as uint32 pairs: JAX
+    would otherwise round it to float32)."""
+    x = np.ascontiguousarray(x)
+    words = x.reshape(-1).view(np.uint32) if x.dtype == np.float64 else x.reshape(-1)
+    out = np.asarray(multihost_utils.process_allgather(words))
+    out = np.ascontiguousarray(out).view(np.float64) if x.dtype == np.float64 else out
+    return out.reshape((-1,) + x.shape)
+
+
+def all_processes(stats: FeatureStats) -> FeatureStats:
+    """The statistics of every process's rows (in process order), on every process; `stats`
+    itself when one process runs. Collective: every process calls it. Gathers (n, mean, sum of
+    squared deviations) in float64, and the kept rows (padded to the longest) when there are any."""
+    if jax.process_count() == 1:
+        return stats
+    sizes = _allgather_exact(np.asarray([stats.n, stats.dim or 0], np.int32))
+    dim = int(sizes[:, 1].max())
+    if dim == 0:
+        return FeatureStats(keep_features=stats.keep_features, extractor_name=stats.extractor_name)
+    if any(d not in (0, dim) for d in sizes[:, 1]):
+        raise ValueError(f"the processes' features have different dimensions: {sorted(set(sizes[:, 1]))}")
+    mean = stats._mean if stats.n else np.zeros(dim)
+    m2 = stats._m2 if stats.n else np.zeros((dim, dim))
+    means, m2s = _allgather_exact(np.asarray(mean, np.float64)), _allgather_exact(np.asarray(m2, np.float64))
+    rows = None
+    if stats.keep_features:
+        longest = int(sizes[:, 0].max())
+        mine = np.zeros((longest, dim))
+        if stats.n:
+            mine[:stats.n] = stats.features
+        rows = _allgather_exact(mine)
+    out = FeatureStats(keep_features=stats.keep_features, extractor_name=stats.extractor_name)
+    for k, (n, _) in enumerate(sizes):
+        part = FeatureStats(keep_features=stats.keep_features)
+        if n:
+            part.n, part._mean, part._m2 = int(n), means[k], m2s[k]
+            if rows is not None:
+                part._rows = [rows[k, :n]]
+        out.merge(part)
+    return out
 
 
 # ----------------------------------------------------------------------------- distances
@@ -366,12 +448,41 @@ def _accumulate(stats: FeatureStats, extractor: FeatureExtractor, images: Any, b
         stats.update(np.asarray(extractor(chunk))[:keep])
 
 
+def _rows(images: ImageSource, start: int, stop: int) -> Iterable[Any]:
+    """The parts of the source's batches that hold its rows [start, stop), in order (no batch
+    after `stop` is read)."""
+    seen = 0
+    for batch in _batches(images, "real"):
+        if seen >= stop:
+            return
+        n = batch.shape[0]
+        if seen + n > start:
+            yield batch[max(start - seen, 0):min(stop - seen, n)]
+        seen += n
+
+
 def feature_stats(images: ImageSource, extractor: FeatureExtractor, *, batch_size: int = 64,
-                  max_items: int | None = None, keep_features: bool = False) -> FeatureStats:
-    """Feature statistics of an image array or an iterable of image batches (at most max_items)."""
+                  max_items: int | None = None, keep_features: bool = False,
+                  split_processes: bool = True) -> FeatureStats:
+    """Feature statistics of an image array or an iterable of image batches (at most max_items).
+
+    Under several processes, when the row count is known (`max_items`, or an array), each process
+    features its block of rows (`process_block`) and the statistics are gathered
+    (`all_processes`): collective, the same statistics on every process. Otherwise (or with
+    `split_processes=False`) every process features every row."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stats = FeatureStats(keep_features=keep_features, extractor_name=extractor.name)
+    total = max_items
+    if isinstance(images, (np.ndarray, jax.Array)):
+        total = images.shape[0] if total is None else min(total, images.shape[0])
+        # a global array is sliced by every process alike (`update` gathers its features)
+        split_processes = split_processes and getattr(images, "is_fully_addressable", True)
+    if split_processes and jax.process_count() > 1 and total is not None:
+        start, stop = process_block(total, batch_size)
+        for part in _rows(images, start, stop):
+            _accumulate(stats, extractor, part, batch_size, None)
+        return all_processes(stats)
     for batch in _batches(images, "real"):
         if max_items is not None and stats.n >= max_items:
             break
@@ -381,22 +492,26 @@ def feature_stats(images: ImageSource, extractor: FeatureExtractor, *, batch_siz
 
 def generated_feature_stats(generator_fn: Callable[[jax.Array, int], jax.Array], extractor: FeatureExtractor,
                             n_samples: int, *, batch_size: int = 64, seed: int = 0,
-                            keep_features: bool = False) -> FeatureStats:
+                            keep_features: bool = False, split_processes: bool = True) -> FeatureStats:
     """Feature statistics of n_samples images from generator_fn(key, batch_size) -> [B, H, W, 3].
 
     Batch i uses jax.random.fold_in(jax.random.key(seed), i); every call asks for a full batch (one
-    compiled shape) and surplus images of the last batch are dropped.
+    compiled shape) and surplus images of the last batch are dropped. Under several processes each
+    generates its block of batches (`process_block`) and the statistics are gathered: collective,
+    the same samples and statistics as one process computes (unless `split_processes=False`).
     """
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
     stats = FeatureStats(keep_features=keep_features, extractor_name=extractor.name)
     key = jax.random.key(seed)
-    for i in range(math.ceil(n_samples / batch_size)):
+    split = split_processes and jax.process_count() > 1
+    start, stop = process_block(n_samples, batch_size) if split else (0, n_samples)
+    for i in range(start // batch_size, math.ceil(stop / batch_size)):
         images = generator_fn(jax.random.fold_in(key, i), batch_size)
         if images.shape[0] != batch_size:
             raise ValueError(f"generator_fn returned {images.shape[0]} images, asked for {batch_size}")
-        _accumulate(stats, extractor, images, batch_size, n_samples)
-    return stats
+        stats.update(np.asarray(extractor(images))[:min(batch_size, n_samples - i * batch_size)])
+    return all_processes(stats) if split else stats
 
 
 def compute_fid(real: ImageSource | FeatureStats, generator_fn: Callable[[jax.Array, int], jax.Array] | ImageSource,
@@ -410,6 +525,8 @@ def compute_fid(real: ImageSource | FeatureStats, generator_fn: Callable[[jax.Ar
     generator_fn: callable(key, batch_size) -> images (then n_samples is required), or fake images
       given like `real` (then n_samples, if given, caps how many are used).
     Images are [-1, 1] float (quantised to uint8 levels by the standard extractor) or uint8.
+    Under several processes it is collective and splits the work (`feature_stats`,
+    `generated_feature_stats`); every process gets the same result.
     """
     if isinstance(real, FeatureStats):
         real_stats = real

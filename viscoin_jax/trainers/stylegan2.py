@@ -28,7 +28,9 @@ the reference does within each GPU's, so a run depends on the device count (as t
 the GPU count) but not on how the devices are spread over processes: the data pipeline gives the
 same global batch in the same order for any process count, so one process with 8 devices and two
 with 4 train the same run up to the order of sums. The FID gathers G_ema to every process
-(`generator_on_host`), which computes the same value from the same samples.
+(`generator_on_host`); each process then generates and features its block of the samples and of
+the real images, and the statistics are gathered (`metrics.fid`): every process gets the FID one
+process computes from the same samples.
 
 Precision: as the reference, the `num_fp16_res` highest resolutions of G and D compute in a reduced
 dtype with `conv_clamp` on their activations, everything else in float32; parameters, optimiser
@@ -407,7 +409,7 @@ def generator_from_state(task: StyleGAN2Task, state, ema: bool = True) -> Genera
 def generator_on_host(state, ema: bool = True) -> dict:
     """G_ema (or G) and G_vars of a task state as numpy on every process, gathered explicitly from
     wherever they live (FSDP shards on other processes included): what the host-side FID and
-    samplers take. Every process then computes the same FID from the same samples."""
+    samplers take. The FID then splits the samples over the processes (`metrics.fid`)."""
     return to_host({k: state[k] for k in ("G_ema" if ema else "G", "G_vars")})
 
 
@@ -452,7 +454,8 @@ def fid_extractor(config: Any):
 
 
 def compute_fid(task: StyleGAN2Task, state, config: Any | None = None, extractor=None, real_stats=None):
-    """FID of G_ema against the training images (config.fid.num_samples of each); a FIDResult."""
+    """FID of G_ema against the training images (config.fid.num_samples of each); a FIDResult.
+    Collective under several processes (each computes its share; every one gets the result)."""
     config = config or task.config
     n, batch = int(config.fid.num_samples), int(config.fid.batch_size)
     extractor = extractor or fid_extractor(config)

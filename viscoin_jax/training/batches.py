@@ -64,14 +64,18 @@ def eval_extent(config: Any, max_batches: int | None = -1) -> str:
 
 
 def eval_batches(config: Any, keys=("image", "label"), max_batches: int | None = None,
-                 split: str | None = None):
+                 split: str | None = None, this_process_only: bool = False):
     """One pass, in order and without augmentation, over `split` (default `config.eval.split`);
     the same batch count on every host. With `max_batches`, a source that knows its labels (image
     folders, stored class by class) is read class by class in turn, so the capped pass is
-    class-balanced."""
+    class-balanced. `this_process_only`: whole global batches, read by this process alone (what
+    one process reads, whatever the process count), for host-side work that one process does."""
     data = config.data.to_dict() if hasattr(config.data, "to_dict") else dict(config.data)
     data.update(split=split or config.eval.split, train=False, drop_remainder=True,
-                batch_size=mesh_lib.local_batch_size(config.eval.batch_size))
+                batch_size=(int(config.eval.batch_size) if this_process_only
+                            else mesh_lib.local_batch_size(config.eval.batch_size)))
+    if this_process_only:
+        data.update(shard_index=0, shard_count=1)
     source = None
     if max_batches is not None:  # a capped pass: take the classes in turn where labels are known
         source = pipeline.make_source(data)
@@ -128,9 +132,11 @@ def all_processes(batch: Any) -> Any:
 
 def training_images(config, num_images: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(images [M, R, R, 3] in [-1, 1], labels [M]): the first `num_images` of a split of the run's data
-    set (default the training split), in order and without augmentation."""
+    set (default the training split), in order and without augmentation; read by this process
+    alone (the same images whatever the process count)."""
     batch = int(config.eval.batch_size)
-    parts = list(eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split=split))
+    parts = list(eval_batches(config, max_batches=max(1, math.ceil(num_images / batch)), split=split,
+                              this_process_only=True))
     if not parts:
         raise ValueError(f"the {split!r} split of {config.data.name} yielded no batches")
     images = np.concatenate([np.asarray(p["image"]) for p in parts])[:num_images]

@@ -241,11 +241,14 @@ class Checkpointer:
     Keeps the latest `max_to_keep` checkpoints plus, when `best_metric` is set, the best one by
     the metric passed to `save(..., metrics=...)` (`best_mode` "max" or "min"). `async_save`
     returns from `save` once the arrays are copied off the accelerator; the files are written in
-    the background (call `wait()` before reading them).
+    the background (call `wait()` before reading them). `this_process_only` (with `read_only`):
+    this process reads alone, without Orbax's barriers between processes, for restores onto its
+    own devices while the other processes do something else (`training.runs`).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, best_metric: str = "",
-                 best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+                 best_mode: str = "max", async_save: bool = True, read_only: bool = False,
+                 this_process_only: bool = False):
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if max_to_keep is not None and max_to_keep < 1:
@@ -272,6 +275,12 @@ class Checkpointer:
             # Unfinished saves of a crashed run are only removed by the writer of the run.
             cleanup_tmp_directories=not read_only,
         )
+        if this_process_only:
+            if not read_only:
+                raise ValueError("this_process_only needs read_only=True: every process writes a checkpoint")
+            me = jax.process_index()
+            options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}")
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self.read_only = read_only
         self._unsealed: list[int] = []  # saved steps whose checksums are not written yet

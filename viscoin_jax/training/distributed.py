@@ -8,10 +8,13 @@ touches JAX devices.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import jax
 
@@ -106,4 +109,68 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-__all__ = ["LaunchDecision", "launch_decision", "maybe_initialize_distributed"]
+def process_zero() -> bool:
+    """Whether this is process 0 (the only process, or the one that writes a run's files)."""
+    return jax.process_index() == 0
+
+
+class ProcessZeroFailed(RuntimeError):
+    """What the other processes raise when the work process 0 did alone (`on_process_zero`)
+    failed there; `user_error` says whether it was a problem of the inputs (ValueError,
+    FileNotFoundError, ...: a command line then exits 2 on every process)."""
+
+    def __init__(self, message: str, user_error: bool):
+        super().__init__(message)
+        self.user_error = user_error
+
+
+T = TypeVar("T")
+_WAIT_HOURS = 48  # how long the other processes wait for process 0 (explanations take minutes)
+_calls = itertools.count()  # every process calls on_process_zero in the same order: the same keys
+
+
+def _coordination_client():
+    """JAX's distributed-runtime client (its key-value store and barriers, as Orbax uses them)."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialised")
+    return client
+
+
+def on_process_zero(fn: Callable[[], T], what: str, user_errors: tuple[type[BaseException], ...] = (ValueError,)
+                    ) -> T | None:
+    """Runs `fn()` on process 0 alone and returns its result there; every other process waits
+    until it is done and returns None, or raises `ProcessZeroFailed` when it failed (process 0
+    re-raises the error itself). One process: just `fn()`.
+
+    For small host-side work whose files only process 0 may write (the explanations): `fn` must
+    touch only this process's devices and read checkpoints process-locally (`restore_run` onto
+    one local device does). The others wait on the distributed runtime's key-value store, not in
+    a device collective, so a long wait costs nothing and never times out a collective; if
+    process 0 dies, the runtime ends their wait with an error."""
+    if jax.process_count() == 1:
+        return fn()
+    key = f"viscoin_jax/on_process_zero/{next(_calls)}/{what}"
+    client = _coordination_client()
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as e:
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            client.key_value_set(key, json.dumps({"error": f"{type(e).__name__}: {line}",
+                                                  "user_error": isinstance(e, user_errors)}))
+            raise
+        client.key_value_set(key, json.dumps({"error": None}))
+        return result
+    log.info("process %d waits while process 0 runs %s", jax.process_index(), what)
+    outcome = json.loads(client.blocking_key_value_get(key, _WAIT_HOURS * 3600 * 1000))
+    if outcome["error"] is not None:
+        raise ProcessZeroFailed(f"process 0 failed while running {what}: {outcome['error']}",
+                                bool(outcome["user_error"]))
+    return None
+
+
+__all__ = ["LaunchDecision", "launch_decision", "maybe_initialize_distributed", "on_process_zero",
+           "process_zero", "ProcessZeroFailed"]

@@ -479,8 +479,12 @@ def restore_run(path: str | Path, step: int | None = None, *, mesh: Mesh | None 
     the trainer's task (`make_task(config)` of the module registered for `config.trainer`; no
     training code runs), and the arrays are restored onto `mesh` (default: `config.mesh` over the
     devices present, which may differ from the run's). Returns (config, task, restored, metadata);
-    `restored.state["task"]` is the task state. Read-only: a save in flight is left alone."""
-    checkpointer = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True)
+    `restored.state["task"]` is the task state. Read-only: a save in flight is left alone. Onto a
+    mesh of this process's devices the restore is this process's alone (the other processes of a
+    multi-process run need not take part)."""
+    local = (jax.process_count() > 1 and mesh is not None
+             and all(d.process_index == jax.process_index() for d in mesh.devices.flat))
+    checkpointer = Checkpointer(checkpoint_dir(path), async_save=False, read_only=True, this_process_only=local)
     try:
         if step is None:  # the newest undamaged step (a damaged newer one is named in a warning)
             step = checkpointer.latest_verified_step()

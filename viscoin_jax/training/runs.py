@@ -15,7 +15,8 @@ from .loop import restore_run
 
 def restore_task_state(path: str | Path, step: int | None = None, expected_trainer: str | None = None):
     """(task, task_state, config, metadata) of a run, replicated on this process's first device
-    whatever mesh saved it (`loop.restore_run` does the work)."""
+    whatever mesh saved it (`loop.restore_run` does the work); under several processes each
+    process restores alone (any one of them may, e.g. process 0 for the explanations)."""
     one_device = mesh_lib.make_mesh({"data": 1, "fsdp": 1}, devices=jax.local_devices()[:1])
     config, task, restored, metadata = restore_run(path, step, mesh=one_device, expected_trainer=expected_trainer)
     return task, restored.state["task"], config, metadata
