@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from viscoin_jax.training.config import load_config
 
 # training steps of each stage in the demo (the stage configs' own defaults train longer)
-DEMO_STEPS = {"classifier": 150, "iresnet": 40, "autoencoder": 600, "stylegan2": 1200, "viscoin": 300}
+DEMO_STEPS = {"classifier": 150, "iresnet": 40, "autoencoder": 600, "stylegan2": 1500, "viscoin": 300}
 
 # stage -> packaged config name[:variant]
 STAGES = {
@@ -44,9 +44,12 @@ def get_config(arg=None):
                     stage.train.eval_every = DEMO_STEPS[name]  # FID of G_ema at the end (about 35 s)
                     stage.train.sample_every = DEMO_STEPS[name] // 4
                     stage.fid.num_samples = 128
-                    # 1200 steps x 32 images see each of 16384 rendered images about twice: too
-                    # few for D to overfit, so ADA has nothing to prevent; with it on, D's early
-                    # lead (a weak G) drove p to 0.9 and slowed G down.
+                    # 1500 steps x 32 images see each of 16384 rendered images about three times:
+                    # too few for D to overfit, so ADA has nothing to prevent; with it on, D's early
+                    # lead (a weak G) drove p to 0.9 and slowed G down. 1500 rather than 1200 steps
+                    # (about 100 s more): G's blobs in between the stains 0.17 -> 0.10, its rarer
+                    # class 0.34 -> 0.46, latent counterfactuals changing only the colour 0.00 -> 0.25
+                    # (docs/performance.md, "What the demo's explanations are limited by").
                     stage.data.synthetic_size = 16384
                     stage.ada.enabled = False
                     # the path-length term costs about 30% of the step time on CPU; the demo spends
