@@ -128,7 +128,8 @@ def readings(data: dict[str, Any]) -> list[str]:
                   f"nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}: a "
                   "concept is a 3 x 3 map of where its stain is, so zeroing it also takes away where and how large "
                   "the blob is, and with one concept per stain an image without its stain's concept has no colour "
-                  "concept left (not pink is not yet purple)."]
+                  "concept left (not pink is not yet purple), and with several the colour stays while the blob "
+                  "moves (docs/performance.md, \"What the demo's explanations are limited by\")."]
     latent_only = em.get("latent counterfactuals changing only causal factors")
     if latent_only is not None and latent_only < 0.5:
         notes += ["The latent counterfactuals reach f's confidence, yet change only the colour in "
@@ -136,7 +137,9 @@ def readings(data: dict[str, Any]) -> list[str]:
                   f"between the stains in {_fmt(em.get('latent counterfactuals: colour ambiguous'))} of them (its "
                   "boundary lies in a colour range no training image shows), and the direction, fitted on G's samples, "
                   f"also moves a nuisance factor (mostly the blob's size) in "
-                  f"{_fmt(em.get('latent counterfactuals changing a nuisance factor'))}: this G ties size to colour."]
+                  f"{_fmt(em.get('latent counterfactuals changing a nuisance factor'))}: this G ties size to colour "
+                  "(it decides both in the same W+ vectors: docs/performance.md, \"What the demo's explanations are "
+                  "limited by\")."]
     return notes
 
 
