@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _phases
 from ._args import check_impl
-from ._dispatch import dispatch, resolve_auto, uses_tpu_layout
+from ._dispatch import dispatch, jit_per_shape, resolve_auto, uses_mosaic_gpu, uses_tpu_layout
 from .modulated_conv2d_pallas import phased_conv_pallas as _phased_conv_forward
 from .modulated_conv2d_pallas import weight_grad_pallas as _weight_grad_forward
 from .modulated_conv2d_ref import (conv2d_resample_reference, default_filter, demodulation_coefficients,
@@ -62,6 +62,38 @@ def _check_args(x, weight, styles, up, down):
         raise ValueError("up and down cannot both be > 1")
 
 
+# The Pallas backend that runs what the Mosaic GPU variant does not cover (the weight gradient, and
+# the convolutions `mgpu_conv_tiles` refuses): Triton on the GPU, the Pallas interpreter on CPU.
+_MOSAIC_GPU_FALLBACK = {"mosaic_gpu": "gpu", "mosaic_gpu_interpret": "interpret"}
+
+
+@jit_per_shape(static_argnums=(4, 5))
+def _phased_conv_mgpu(x, w, in_scale, out_scale, geometry, backend):
+    from .modulated_conv2d_mosaic_gpu import _phased_conv_mosaic_gpu, mgpu_conv_tiles
+    plan_y, plan_x = _plans(x.shape, w.shape, geometry)
+    tiles = mgpu_conv_tiles(_phases.tap_table(plan_y, plan_x), x.shape[3], w.shape[3], x.dtype)
+    return _phased_conv_mosaic_gpu(x, w, in_scale, out_scale, plan_y, plan_x, tiles,
+                                   interpret=backend == "mosaic_gpu_interpret")
+
+
+def mosaic_gpu_conv_applies(x_shape, w_shape, geometry, dtype) -> bool:
+    """Whether the Mosaic GPU kernel takes this phased convolution (`mgpu_conv_tiles`' rule); where
+    not, impl="mosaic_gpu" runs the Triton kernel (the interpreted Pallas kernel in interpret mode)."""
+    from .modulated_conv2d_mosaic_gpu import mgpu_conv_tiles
+    plan_y, plan_x = _plans(x_shape, w_shape, geometry)
+    return mgpu_conv_tiles(_phases.tap_table(plan_y, plan_x), x_shape[3], w_shape[3], dtype) is not None
+
+
+def _conv_forward(x, w, in_scale, out_scale, geometry, backend, block_sizes):
+    """The phased convolution on `backend`: the Mosaic GPU kernel where it applies (block_sizes do
+    not tile it), the Triton / interpreted Pallas kernel otherwise."""
+    if uses_mosaic_gpu(backend):
+        if mosaic_gpu_conv_applies(x.shape, w.shape, geometry, x.dtype):
+            return _phased_conv_mgpu(x, w, in_scale, out_scale, geometry, backend)
+        backend = _MOSAIC_GPU_FALLBACK[backend]
+    return _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend, block_sizes)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _phased_conv(x, w, in_scale, out_scale, geometry, backend, block_sizes):
     """y = out_scale * correlate(pad(zero_insert(x * in_scale, up)), w)[::down], in x's dtype.
@@ -69,7 +101,7 @@ def _phased_conv(x, w, in_scale, out_scale, geometry, backend, block_sizes):
     geometry = (up, down, (x0, x1, y0, y1)); w is [kh, kw, Cin, Cout]; scales are [N, C] float32;
     block_sizes: a `ConvBlockSizes` or None (automatic), for every kernel of every order.
     """
-    return _phased_conv_forward(x, w, in_scale, out_scale, geometry, backend, block_sizes)
+    return _conv_forward(x, w, in_scale, out_scale, geometry, backend, block_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -79,6 +111,7 @@ def _weight_grad(x, g, in_scale, w_shape, geometry, backend, block_sizes):
     A custom_vjp of its own so that second-order gradients (R1, path length) stay in Pallas: the
     weight gradient is bilinear in (x, g) and both of its transposes are phased convolutions.
     """
+    backend = _MOSAIC_GPU_FALLBACK.get(backend, backend)  # no Mosaic GPU weight-gradient kernel yet
     return _weight_grad_forward(x, g, in_scale, w_shape, geometry, backend, block_sizes)
 
 
@@ -143,7 +176,7 @@ def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
     pads = resample_padding(padding, up, down, f)
-    filter_impl = backend if backend in ("interpret", "tpu_interpret") else "pallas"
+    filter_impl = backend if backend in ("interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret") else "pallas"
     if down > 1:  # blur (the upfirdn2d kernel), then the stride-`down` phased conv
         x = upfirdn2d(x, f, padding=pads, impl=filter_impl)
         return _phased_conv(x, weight, styles, dcoef, (1, down, (0, 0, 0, 0)), backend, block_sizes)
@@ -164,9 +197,12 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
       up: 2 = transposed stride-2 convolution then FIR blur. down: 2 = FIR blur then stride-2 conv.
       padding: int, (x, y) or (x0, x1, y0, y1), as the reference's conv2d_resample.
       resample_filter: FIR filter for up/down (default: setup_filter([1, 3, 3, 1])).
-      impl: "auto" | "pallas" | "interpret" | "tpu_interpret" | "xla"; "mosaic_gpu" /
-        "mosaic_gpu_interpret" run the Triton / interpreted kernel: the convolution has no Mosaic GPU
-        variant yet (upfirdn2d has), so a model given impl="mosaic_gpu" runs it for its filters only.
+      impl: "auto" | "pallas" | "interpret" | "tpu_interpret" | "mosaic_gpu" | "mosaic_gpu_interpret" |
+        "xla". "mosaic_gpu" (NVIDIA Hopper and newer): the convolution and its x-gradient on the
+        Mosaic GPU kernel (kernels/modulated_conv2d_mosaic_gpu.py; wgmma, float32 accumulation; TF32
+        for float32 inputs) and the filters on upfirdn2d's; the weight gradient, and convolutions the
+        kernel does not take (`mosaic_gpu_conv_applies`), on the Triton kernel. "mosaic_gpu_interpret":
+        the same in jax's GPU interpreter (jax >= 0.11), the Triton parts in Pallas's interpreter.
       block_sizes: a `ConvBlockSizes` to tile the Pallas kernels with (see its docstring), or None for
         the automatic choice. Tiles change the summation order only; "xla" ignores them.
 
@@ -190,7 +226,6 @@ def modulated_conv2d(x, weight, styles, demodulate=True, up=1, down=1, padding=0
         _phases.plan_1d(x.shape[1], 1, 1, pads[2], pads[3], weight.shape[0], "modulated_conv2d (height)")
 
     impl = resolve_auto(impl, modconv_key(x.shape, weight.shape, up, down, padding, demodulate, x.dtype))
-    impl = {"mosaic_gpu": "pallas", "mosaic_gpu_interpret": "interpret"}.get(impl, impl)
 
     def xla_fn(x, weight, styles):
         return modulated_conv2d_reference(x, weight, styles, demodulate, up, down, padding, f)
