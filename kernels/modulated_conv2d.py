@@ -76,10 +76,19 @@ def _phased_conv_mgpu(x, w, in_scale, out_scale, geometry, backend):
                                    interpret=backend == "mosaic_gpu_interpret")
 
 
+# wgmma computes float32 operands as TF32: where JAX's precision asks for exact float32 (the tests'
+# "highest"), float32 convolutions stay on the Triton kernel, which honours it.
+_EXACT_FLOAT32 = ("highest", "float32")
+
+
 def mosaic_gpu_conv_applies(x_shape, w_shape, geometry, dtype) -> bool:
-    """Whether the Mosaic GPU kernel takes this phased convolution (`mgpu_conv_tiles`' rule); where
-    not, impl="mosaic_gpu" runs the Triton kernel (the interpreted Pallas kernel in interpret mode)."""
+    """Whether the Mosaic GPU kernel takes this phased convolution (`mgpu_conv_tiles`' rule, and no
+    float32 under an exact-float32 `jax_default_matmul_precision`); where not, impl="mosaic_gpu" runs
+    the Triton kernel (the interpreted Pallas kernel in interpret mode)."""
     from .modulated_conv2d_mosaic_gpu import mgpu_conv_tiles
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    if jnp.dtype(dtype) == jnp.float32 and precision in _EXACT_FLOAT32:
+        return False
     plan_y, plan_x = _plans(x_shape, w_shape, geometry)
     return mgpu_conv_tiles(_phases.tap_table(plan_y, plan_x), x_shape[3], w_shape[3], dtype) is not None
 

@@ -27,6 +27,15 @@ modconv_module = importlib.import_module("viscoin_jax.kernels.modulated_conv2d")
 MOSAIC_V2 = re.compile(r"custom_call @mosaic_gpu_v2")
 
 
+@pytest.fixture(autouse=True)
+def tensorfloat32():
+    """wgmma computes float32 as TF32, so under the suite's "highest" precision float32 convolutions
+    stay on Triton (`mosaic_gpu_conv_applies`); these tests ask for TF32 (jax's GPU interpreter on
+    CPU still computes float32 exactly)."""
+    with jax.default_matmul_precision("tensorfloat32"):
+        yield
+
+
 @pytest.fixture
 def mosaic_calls(monkeypatch):
     """Counts the traces of the Mosaic GPU wrapper (the shapes here are this file's own, so no call
@@ -130,6 +139,13 @@ def test_the_fallback_engages_where_the_kernel_does_not_apply():
             assert tiles[-1] <= mgpu.SMEM_BUDGET_BYTES and tiles[0] % 8 == 0 and tiles[2] % tiles[0] == 0
     x, w, s = jnp.zeros((1, 4, 5, 768)), jnp.zeros((3, 3, 768, 16)), jnp.ones((1, 768))
     text = _lower(lambda x: modulated_conv2d(x, w, s, padding=1, impl="mosaic_gpu"), x)
+    assert "triton" in text and not MOSAIC_V2.search(text)
+    # exact float32 asked for: wgmma's TF32 would not give it, so float32 runs the Triton kernel
+    x, w, s = jnp.zeros((1, 4, 5, 8)), jnp.zeros((3, 3, 8, 16)), jnp.ones((1, 8))
+    with jax.default_matmul_precision("highest"):
+        assert not modconv_module.mosaic_gpu_conv_applies(x.shape, w.shape, geometry, jnp.float32)
+        assert modconv_module.mosaic_gpu_conv_applies(x.shape, w.shape, geometry, jnp.bfloat16)
+        text = _lower(lambda x: modulated_conv2d(x, w, s, padding=1, impl="mosaic_gpu"), x)
     assert "triton" in text and not MOSAIC_V2.search(text)
     assert mgpu_conv.mgpu_conv_tiles([(0, 0, [(0, 0, 0, 0, 0)])], 8, 8, jnp.int8) is None
 
