@@ -41,7 +41,7 @@ from .tuning import table_winner, tuning_device_kind
 # "interpret" runs the GPU variant of the kernels in the Pallas interpreter (any platform), and
 # "tpu_interpret" runs the TPU variant (VMEM/SMEM windows, sequential grid axes) in Pallas's TPU
 # interpreter, so the TPU code path is tested on CPU too. "mosaic_gpu" compiles the Mosaic GPU variant
-# (NVIDIA Hopper and newer; upfirdn2d only so far) and "mosaic_gpu_interpret" runs it in jax's GPU
+# (NVIDIA Hopper and newer; upfirdn2d, and the modulated conv's forward and x-gradient) and "mosaic_gpu_interpret" runs it in jax's GPU
 # interpreter (jax >= 0.11).
 KERNEL_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 MOSAIC_GPU_IMPLS = ("mosaic_gpu", "mosaic_gpu_interpret")

@@ -180,8 +180,6 @@ def run(resolutions, batch, impls, repeats, dtype, ops, copy_bytes) -> list[dict
             for backward in (False, True):
                 base_ms = None
                 for impl in impls:
-                    if impl in ("mosaic_gpu", "mosaic_gpu_interpret") and layer.op != "upfirdn2d":
-                        continue  # the convolution has no Mosaic GPU variant yet
                     fn, args = _make_fn(layer, impl, backward, dtype)
                     ms = time_fn(fn, args, repeats)
                     base_ms = ms if impl == "xla" else base_ms

@@ -7,7 +7,8 @@ The weight is shared by the batch; styles scale the input channels and the demod
 the output channels, so the kernel never materialises a per-sample weight.
 
 Layout (the JAX Pallas ops pattern): `modulated_conv2d_pallas` holds the kernels and their
-pallas_call wrappers, `modulated_conv2d_ref` the plain-JAX references, `plans` the tiles and memory
+pallas_call wrappers, `modulated_conv2d_mosaic_gpu` the Mosaic GPU (Hopper+) variant of the phased
+conv (`_conv_forward` decides where it applies), `modulated_conv2d_ref` the plain-JAX references, `plans` the tiles and memory
 budgets. This module holds the public op and the custom_vjp wiring: `_phased_conv`, whose backward
 pass is the same conv kernel on the transposed plan (gradient w.r.t. x) plus `_weight_grad`, itself a
 custom_vjp over the weight-gradient kernels whose transposes are phased convolutions again (so every

@@ -17,8 +17,9 @@ Layout of this module (the JAX Pallas ops pattern; the public op and its custom_
   this kernel takes (None: the caller falls back to the Triton / interpreted Pallas kernel).
 
 Precision: bfloat16 and float16 inputs go to wgmma as they are; float32 inputs go as float32, which
-wgmma computes as TF32 on the device (jax's GPU interpreter computes full float32). Accumulation is
-float32 in every case; the result is cast to x's dtype.
+wgmma computes as TF32 on the device (jax's GPU interpreter computes full float32), so the public op
+sends float32 here only where `jax_default_matmul_precision` allows TF32 (the GPU default; not the
+tests' "highest"). Accumulation is float32 in every case; the result is cast to x's dtype.
 The styles (input-channel scale) and the demodulation (output-channel scale) are applied by XLA in
 the wrapper, fused into the phase split and the phase merge that copy the data anyway, so the kernel
 is a plain correlation.
@@ -30,7 +31,9 @@ measured (no session has had a GPU); `impl="auto"` picks it only where a tuning 
 fastest.
 Mosaic GPU's rules shape the tiles (lowering errors found on jax 0.10.2 / 0.12): wgmma's operands
 must be swizzled and tiled shared memory on jax 0.10.2 (a 32, 64 or 128-byte swizzle, so Cin is padded
-to whole 32 bytes), the right operand of a float32 wgmma must be K-major (the weights are stored
+to whole 32 bytes); a copy into such a buffer must start on a whole 8-row tile (jax 0.12), so the
+wrapper stacks one copy of the input phases per column offset of the taps, shifted by it (~kw x the
+input's bytes once more per call, not measured); the right operand of a float32 wgmma must be K-major (the weights are stored
 [Cout, Cin] and passed transposed), wgmma's M is 64 rows (the column tile), its N a multiple of 8.
 """
 

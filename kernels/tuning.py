@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TUNING_DIR_ENV = "VISCOIN_JAX_TUNING_DIR"
 TABLE_FORMAT = 1
-# "mosaic_gpu": the Mosaic GPU variant (NVIDIA Hopper and newer; upfirdn2d only), a winner only where timed
+# "mosaic_gpu": the Mosaic GPU variant (NVIDIA Hopper and newer), a winner only where timed
 WINNERS = ("pallas", "mosaic_gpu", "xla")
 
 # The device kind the dispatch consults when tracing for a platform that is not the host's
