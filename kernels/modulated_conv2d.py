@@ -8,11 +8,11 @@ the output channels, so the kernel never materialises a per-sample weight.
 
 Layout (the JAX Pallas ops pattern): `modulated_conv2d_pallas` holds the kernels and their
 pallas_call wrappers, `modulated_conv2d_mosaic_gpu` the Mosaic GPU (Hopper+) variant of the phased
-conv (`_conv_forward` decides where it applies), `modulated_conv2d_ref` the plain-JAX references, `plans` the tiles and memory
-budgets. This module holds the public op and the custom_vjp wiring: `_phased_conv`, whose backward
-pass is the same conv kernel on the transposed plan (gradient w.r.t. x) plus `_weight_grad`, itself a
-custom_vjp over the weight-gradient kernels whose transposes are phased convolutions again (so every
-order is Pallas). The names below stay importable from here as before the split.
+conv (`_conv_forward` decides where it applies), `modulated_conv2d_ref` the plain-JAX references,
+`plans` the tiles and memory budgets. This module holds the public op and the custom_vjp wiring:
+`_phased_conv`, whose backward pass is the same conv kernel on the transposed plan (gradient w.r.t.
+x) plus `_weight_grad`, itself a custom_vjp over the weight-gradient kernels whose transposes are
+phased convolutions again (so every order is Pallas). The names below stay importable from here as before the split.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def _modulated_conv2d_pallas(x, weight, styles, *, demodulate, up, down, padding
     dcoef = demodulation_coefficients(weight, styles, demodulate)
     styles = styles.astype(jnp.float32)
     pads = resample_padding(padding, up, down, f)
-    filter_impl = backend if backend in ("interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret") else "pallas"
+    keep = ("interpret", "tpu_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
+    filter_impl = backend if backend in keep else "pallas"
     if down > 1:  # blur (the upfirdn2d kernel), then the stride-`down` phased conv
         x = upfirdn2d(x, f, padding=pads, impl=filter_impl)
         return _phased_conv(x, weight, styles, dcoef, (1, down, (0, 0, 0, 0)), backend, block_sizes)

@@ -33,8 +33,9 @@ Mosaic GPU's rules shape the tiles (lowering errors found on jax 0.10.2 / 0.12):
 must be swizzled and tiled shared memory on jax 0.10.2 (a 32, 64 or 128-byte swizzle, so Cin is padded
 to whole 32 bytes); a copy into such a buffer must start on a whole 8-row tile (jax 0.12), so the
 wrapper stacks one copy of the input phases per column offset of the taps, shifted by it (~kw x the
-input's bytes once more per call, not measured); the right operand of a float32 wgmma must be K-major (the weights are stored
-[Cout, Cin] and passed transposed), wgmma's M is 64 rows (the column tile), its N a multiple of 8.
+input's bytes once more per call, not measured); the right operand of a float32 wgmma must be
+K-major (the weights are stored [Cout, Cin] and passed transposed); wgmma's M is 64 rows (the column
+tile), its N a multiple of 8.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def mgpu_conv_tiles(table, cin: int, cout: int, dtype):
 def _conv_mgpu_kernel(x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, barriers, *, table, shifts, bo, plgpu):
     """One program: o_gmem[i, phase, row, cols of tile u, block j] for every output phase.
 
-    x_gmem: [S, N, phases, Jy, cols, Cp] polyphase (scaled) input, shifted left by shifts[s] columns; w_gmem: [kh, kw, Coutp, Cp] (transposed
-    taps); o_gmem: [N, Uy*Ux, rows, cols, Coutp]. One barrier per tap: each is awaited once.
+    x_gmem: [S, N, phases, Jy, cols, Cp] polyphase (scaled) input, shifted left by shifts[s] columns;
+    w_gmem: [kh, kw, Coutp, Cp] (transposed taps); o_gmem: [N, Uy*Ux, rows, cols, Coutp].
+    One barrier per tap: each is awaited once.
     """
     from jax.experimental import pallas as pl
 
@@ -89,8 +91,8 @@ def _conv_mgpu_kernel(x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, barriers, 
     for phase, (_, _, taps) in enumerate(table):
         def accumulate(acc_ref, taps=taps, b0=b):
             for t, (ky, kx, r, oy, ox) in enumerate(taps):
-                plgpu.copy_gmem_to_smem(x_gmem.at[shifts.index(ox), i, r, row + oy, pl.ds(u * TILE_W, TILE_W)], x_smem,
-                                        barriers.at[b0 + t])
+                x_tap = x_gmem.at[shifts.index(ox), i, r, row + oy, pl.ds(u * TILE_W, TILE_W)]
+                plgpu.copy_gmem_to_smem(x_tap, x_smem, barriers.at[b0 + t])
                 plgpu.copy_gmem_to_smem(w_gmem.at[ky, kx, pl.ds(j * bo, bo)], w_smem, barriers.at[b0 + t])
                 plgpu.barrier_wait(barriers.at[b0 + t])
                 plgpu.wgmma(acc_ref, x_smem, w_smem.T)
