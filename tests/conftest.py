@@ -33,3 +33,31 @@ def persistent_compilation_cache(tmp_path_factory):
     for n, v in old.items():
         jax.config.update(n, v)
     cc.reset_cache()
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    """A tuning directory of our own (kernels/tuning.py), read instead of the shipped tables; the
+    table cache cleared around it."""
+    from viscoin_jax.kernels import tuning
+
+    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
+    tuning.load_table.cache_clear()
+    yield tmp_path
+    tuning.load_table.cache_clear()
+
+
+@pytest.fixture
+def write_tuning_table(table_dir):
+    """write(winners {key: "pallas" | "xla" | "mosaic_gpu"}, device_kind): that kind's table in
+    `table_dir`, read by the next lookup (the table cache is cleared)."""
+    import json
+
+    from viscoin_jax.kernels import tuning
+
+    def write(winners: dict, device_kind: str) -> None:
+        entries = [{"key": k, "winner": w} for k, w in winners.items()]
+        (table_dir / tuning.table_file_name(device_kind)).write_text(json.dumps({"format": 1, "entries": entries}))
+        tuning.load_table.cache_clear()
+
+    return write

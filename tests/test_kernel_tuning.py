@@ -13,20 +13,6 @@ FIR = setup_filter([1, 3, 3, 1])
 KIND = "Test Chip v9 (8 GB)"
 
 
-@pytest.fixture
-def table_dir(tmp_path, monkeypatch):
-    """A tuning directory of our own, read instead of the shipped tables; caches cleared around it."""
-    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
-    tuning.load_table.cache_clear()
-    yield tmp_path
-    tuning.load_table.cache_clear()
-
-
-def _write(table_dir, winners: dict, kind=KIND):
-    entries = [{"key": k, "winner": w, "pallas_ms": 1.0, "xla_ms": 2.0} for k, w in winners.items()]
-    (table_dir / tuning.table_file_name(kind)).write_text(json.dumps({"format": 1, "entries": entries}))
-
-
 def _has_kernel(fn, *args, platform, kind=KIND):
     with lowering_for(platform, device_kind=kind):
         return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
@@ -41,7 +27,7 @@ def test_table_file_names_are_the_device_kind_in_safe_characters():
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_auto_follows_the_table_per_shape(table_dir, platform):
+def test_auto_follows_the_table_per_shape(write_tuning_table, platform):
     rng = np.random.default_rng(4)
     f = jnp.asarray(FIR)
     x = jax.ShapeDtypeStruct((3, 11, 7, 5), jnp.float32)
@@ -53,7 +39,7 @@ def test_auto_follows_the_table_per_shape(table_dir, platform):
     fir_key = tuning.upfirdn2d_key(x.shape, f.shape, 2, 1, (2, 1, 2, 1), jnp.float32)
     conv_key = tuning.modconv_key(x.shape, w.shape, 1, 1, 1, True, jnp.float32)
 
-    _write(table_dir, {fir_key: "pallas", conv_key: "xla"})
+    write_tuning_table({fir_key: "pallas", conv_key: "xla"}, KIND)
     assert _has_kernel(fir, x, platform=platform)
     assert not _has_kernel(fir, y, platform=platform)  # not in the table: XLA
     assert not _has_kernel(conv, x, platform=platform)  # measured, XLA won
@@ -66,8 +52,7 @@ def test_auto_follows_the_table_per_shape(table_dir, platform):
     with lowering_for(platform, device_kind=KIND):
         assert str(jax.make_jaxpr(grad)(xv)).count("pallas_call") >= 2
 
-    tuning.load_table.cache_clear()
-    _write(table_dir, {fir_key: "xla", conv_key: "pallas"})
+    write_tuning_table({fir_key: "xla", conv_key: "pallas"}, KIND)
     assert not _has_kernel(fir, x, platform=platform)
     assert _has_kernel(conv, x, platform=platform)
 

@@ -4,7 +4,6 @@ calls from this GPU-less host (jax 0.10.2 through 0.12), the Triton fallback whe
 apply, and never picked by "auto" without a tuning table."""
 
 import importlib
-import json
 import re
 
 import jax
@@ -170,23 +169,15 @@ def test_the_fallback_engages_where_the_kernel_does_not_apply():
     assert mgpu_conv.mgpu_conv_tiles([(0, 0, [(0, 0, 0, 0, 0)])], 8, 8, jnp.int8) is None
 
 
-def test_auto_never_picks_mosaic_gpu_without_a_table(tmp_path, monkeypatch):
+def test_auto_never_picks_mosaic_gpu_without_a_table(write_tuning_table):
     x = jax.ShapeDtypeStruct((2, 11, 7, 5), jnp.float32)
     w, s = jnp.zeros((3, 3, 5, 6)), jnp.ones((2, 5))
     conv = lambda x: modulated_conv2d(x, w, s, padding=1)  # noqa: E731
-    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
-    tuning.load_table.cache_clear()
     kind = "NVIDIA H200"
-    try:
-        with lowering_for("cuda", device_kind="Some GPU without a table"):
-            jaxpr = str(jax.make_jaxpr(conv)(x))
-        assert "mosaic" not in jaxpr and "pallas_call" not in jaxpr
-        key = tuning.modconv_key(x.shape, w.shape, 1, 1, 1, True, jnp.float32)
-        entries = [{"key": key, "winner": "mosaic_gpu", "pallas_ms": 2.0, "mosaic_gpu_ms": 1.0, "xla_ms": 3.0}]
-        (tmp_path / tuning.table_file_name(kind)).write_text(json.dumps({"format": 1, "entries": entries}))
-        tuning.load_table.cache_clear()
-        with lowering_for("cuda", device_kind=kind):
-            text = jax.jit(conv).trace(x).lower(lowering_platforms=("cuda",)).as_text()
-        assert MOSAIC_V2.search(text) and "triton" not in text
-    finally:
-        tuning.load_table.cache_clear()
+    with lowering_for("cuda", device_kind="Some GPU without a table"):
+        jaxpr = str(jax.make_jaxpr(conv)(x))
+    assert "mosaic" not in jaxpr and "pallas_call" not in jaxpr
+    write_tuning_table({tuning.modconv_key(x.shape, w.shape, 1, 1, 1, True, jnp.float32): "mosaic_gpu"}, kind)
+    with lowering_for("cuda", device_kind=kind):
+        text = jax.jit(conv).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert MOSAIC_V2.search(text) and "triton" not in text

@@ -2,7 +2,6 @@
 interpreter where the installed jax has one (>= 0.11), lowered for cuda to a Mosaic GPU custom call
 from this GPU-less host (jax 0.10.2 through 0.12), and never picked by "auto" without a table."""
 
-import json
 import re
 
 import jax
@@ -88,27 +87,20 @@ def test_mosaic_gpu_tiles_fit_shared_memory_and_whole_copies():
                 assert (up * up * th * tw * cb * itemsize) % 128 == 0
 
 
-def test_auto_never_picks_mosaic_gpu_without_a_table(tmp_path, monkeypatch):
+def test_auto_never_picks_mosaic_gpu_without_a_table(write_tuning_table):
     x = jax.ShapeDtypeStruct((2, 11, 7, 5), jnp.float32)
     f = jnp.asarray(FIR)
     fir = lambda x: upfirdn2d(x, f, up=2, padding=(2, 1, 2, 1), gain=4.0)  # noqa: E731
-    monkeypatch.setenv(tuning.TUNING_DIR_ENV, str(tmp_path))
-    tuning.load_table.cache_clear()
     kind = "NVIDIA H200"
-    try:
-        with lowering_for("cuda", device_kind="Some GPU without a table"):
-            assert "mosaic" not in str(jax.make_jaxpr(fir)(x)) and "pallas_call" not in str(jax.make_jaxpr(fir)(x))
-        key = tuning.upfirdn2d_key(x.shape, f.shape, 2, 1, (2, 1, 2, 1), jnp.float32)
-        entries = [{"key": key, "winner": "mosaic_gpu", "pallas_ms": 2.0, "mosaic_gpu_ms": 1.0, "xla_ms": 3.0}]
-        (tmp_path / tuning.table_file_name(kind)).write_text(json.dumps({"format": 1, "entries": entries}))
-        tuning.load_table.cache_clear()
-        with lowering_for("cuda", device_kind=kind):
-            text = jax.jit(fir).trace(x).lower(lowering_platforms=("cuda",)).as_text()
-        assert MOSAIC_CALL.search(text) and "triton" not in text
-        with lowering_for("tpu", device_kind=kind):  # a Mosaic GPU winner never runs off NVIDIA GPUs
-            assert "pallas_call" not in str(jax.make_jaxpr(fir)(x))
-    finally:
-        tuning.load_table.cache_clear()
+    with lowering_for("cuda", device_kind="Some GPU without a table"):
+        jaxpr = str(jax.make_jaxpr(fir)(x))
+    assert "mosaic" not in jaxpr and "pallas_call" not in jaxpr
+    write_tuning_table({tuning.upfirdn2d_key(x.shape, f.shape, 2, 1, (2, 1, 2, 1), jnp.float32): "mosaic_gpu"}, kind)
+    with lowering_for("cuda", device_kind=kind):
+        text = jax.jit(fir).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert MOSAIC_CALL.search(text) and "triton" not in text
+    with lowering_for("tpu", device_kind=kind):  # a Mosaic GPU winner never runs off NVIDIA GPUs
+        assert "pallas_call" not in str(jax.make_jaxpr(fir)(x))
 
 
 def test_table_from_rows_can_pick_mosaic_gpu():
