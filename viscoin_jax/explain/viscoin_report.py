@@ -86,6 +86,11 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
     need_train = "concepts" in methods or "consistency" in methods
     if need_train:
         train_x, _ = bundle.training_images(settings.num_training_images, "train")
+    # held-out images (the first of the run's test split), read once for FF and CC
+    held_out = max([settings.ff_test_images if "faithfulness" in methods else 0,
+                    settings.cc_test_images if "consistency" in methods else 0])
+    if held_out > 0:
+        held_out_x, _ = bundle.training_images(held_out, "test")
 
     if "concepts" in methods:
         t0 = time.perf_counter()
@@ -164,7 +169,7 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
     if "faithfulness" in methods:
         t0 = time.perf_counter()
         if settings.ff_test_images > 0:
-            ff_x, _ = bundle.training_images(settings.ff_test_images, "test")
+            ff_x = held_out_x[:settings.ff_test_images]
             ff_on = f"{len(ff_x)} held-out images (the run's test split)"
         else:
             ff_x, ff_on = np.asarray(images), f"the {len(images)} explained images"
@@ -181,7 +186,7 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
 
     if "consistency" in methods:
         t0 = time.perf_counter()
-        test_x, _ = bundle.training_images(settings.cc_test_images, "test")
+        test_x = held_out_x[:settings.cc_test_images]
         cc = viscoin_metrics.consistency(_batches(train_x, 64), _batches(test_x, 64),
                                          concepts_fn=fns.concepts_fn, translator_fn=fns.translator_fn,
                                          synthesis_fn=fns.synthesis_fn, feature_fn=fns.features_fn,
