@@ -182,3 +182,30 @@ def test_colour_in_between_flags_blended_stains_only():
     lo, hi = S.STAIN_COLOUR_SCORES.min() / 2, S.STAIN_COLOUR_SCORES.max() / 2
     np.testing.assert_array_equal(S.colour_in_between(np.array([lo - 1e-3, lo + 1e-3, hi - 1e-3, hi + 1e-3, np.nan])),
                                   [False, True, True, False, False])
+
+
+@pytest.mark.parametrize("res,sigma", [(32, 0.0), (32, 1.0), (32, 1.5), (37, 1.2), (64, 2.5)])
+def test_measured_geometry_does_not_depend_on_the_stain(res, sigma):
+    """A generator draws softer edges than the renderer; the same scene in either stain, blurred by a
+    Gaussian of `sigma` pixels, must measure the same size and centre, and the size must stay the true one
+    (a fixed outline threshold reads the purple stain, farther from the background, as a larger blob)."""
+    from scipy import ndimage
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    f = S.stack_factors([S.sample_factors(seed, i, "test") for i in range(60)])
+    sizes, centres = [], []
+    for colour in (0, 1):
+        x = S.render({**f, "colour": np.full_like(f["colour"], colour)}, res).astype(np.float64)
+        if sigma:
+            x = ndimage.gaussian_filter(x, (0, sigma, sigma, 0), mode="nearest")
+        m = S.measure_factors(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+        assert m["found"].all(), seed
+        assert (m["colour"] == colour).all(), seed
+        sizes.append(m["size"])
+        centres.append(np.stack([m["center_y"], m["center_x"]], -1))
+    stain_gap = np.abs(sizes[1] - sizes[0])
+    assert stain_gap.mean() < 0.2 * S.MEASURED_TOLERANCES["size"], (seed, stain_gap.mean())
+    assert stain_gap.max() < 0.6 * S.MEASURED_TOLERANCES["size"], (seed, stain_gap.max())
+    for s in sizes:  # the outline at half the blob's contrast is the blob's edge, blurred or not
+        assert np.abs(s - f["size"]).mean() < 0.5 / res + 0.002 * sigma, seed
+    np.testing.assert_allclose(centres[0], centres[1], atol=0.5 / res)

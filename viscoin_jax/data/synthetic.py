@@ -347,6 +347,8 @@ STAIN_COLOUR_SCORES = np.log(STAIN_RGB[:, 0] / STAIN_RGB[:, 2])  # log(R / B) of
 ELONGATION_THRESHOLD = math.sqrt(ELONGATION)  # geometric mean of 1 (round) and ELONGATION
 _MASK_THRESHOLD = 0.22  # |pixel - background| / 255 (RGB distance) that counts as blob
 _MIN_AREA_FRACTION = 0.002
+_HALF_CONTRAST = 0.5  # the outline: half of ...
+_CONTRAST_PERCENTILE = 75  # ... this percentile of the detected blob's distance from the background
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
@@ -366,9 +368,10 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
 def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
     """Estimates the blob's factors from images (uint8 [0, 255] or float [-1, 1], NHWC).
 
-    The background colour is the per-image median; blob pixels are those far from it (largest
-    connected region). Colour: sign of log(R / B) of the blob's mean colour; shape: axis ratio from
-    the second moments of the blob mask; size: sqrt(area / pi); rotation: major-axis angle mod pi;
+    The background colour is the per-image median; the blob is found where pixels are far from it
+    (largest connected region), and outlined at half its own contrast with the background, so the
+    geometry does not depend on the stain. Colour: sign of log(R / B) of the blob's mean colour;
+    shape: axis ratio from the second moments of the outlined blob; size: sqrt(area / pi); rotation: major-axis angle mod pi;
     brightness: background luminance over the nominal one. `found` is False where no blob was
     seen (then colour and shape are -1 and the others NaN).
     """
@@ -394,6 +397,19 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
         core = mask & (dist[i] > 0.5 * dist[i][mask].max())  # drop anti-aliased edge pixels
         mean = x[i][core].mean(axis=0)
         out["colour_score"][i] = math.log(max(mean[0], 1e-4) / max(mean[2], 1e-4))
+        # The blob's outline for geometry: where a pixel is at least half as far from the background as
+        # the blob's own interior is. A fixed threshold would put the outline of a soft edge further out
+        # on the purple stain (farther from the background) than on the pink one, so a pure colour edit
+        # by a generator with blurred edges would read as a size change.
+        # (+1e-7: a pixel tied with the level counts the same whether the image came as uint8 or float)
+        half = dist[i] > _HALF_CONTRAST * np.percentile(dist[i][mask], _CONTRAST_PERCENTILE) + 1e-7
+        half &= ndimage.binary_dilation(mask, iterations=3)  # a faint blob's outline never joins the texture
+        labels, count = ndimage.label(half)
+        if count:
+            half_mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+            if half_mask.sum() >= 3:
+                mask = half_mask
+        area = int(mask.sum())
         py, px = (yy[mask] + 0.5) / h, (xx[mask] + 0.5) / w
         cy, cx = py.mean(), px.mean()
         cov = np.cov(np.stack([px - cx, py - cy]), bias=True) + np.eye(2) / (12 * h * w)
