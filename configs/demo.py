@@ -86,6 +86,7 @@ def get_config(arg=None):
          "concept_activations"],
         projection_steps=5 if quick else 40,  # W+ projection (warm-started by VisCoIN's translator)
         direction_samples=64 if quick else 512,  # generated samples for the logistic-regression direction
+        latent_confidence=0.99,  # a latent counterfactual is the first image f gives the target this probability
         num_training_images=16 if quick else 256,  # class relevance, top-activating images, CC pairs
     ))
     if arg not in (None, "", "quick"):

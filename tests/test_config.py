@@ -329,3 +329,18 @@ def test_paper_configs_refuse_to_start_without_lpips_weights_unless_allowed(tmp_
     for spec in ("configs/demo.py", "configs/demo.py:quick"):
         pipeline.check_stages(load(spec, []))
     assert check_perceptual(load("configs/viscoin_synthetic.py", [])) == ""
+
+
+@pytest.mark.parametrize("value", ["1.0", "0", "-0.5"])
+def test_pipeline_refuses_a_bad_latent_confidence_before_training(tmp_path, value):
+    """The explanations run last; a confidence they cannot use must stop the pipeline before the first stage."""
+    from viscoin_jax.cli import run as pipeline
+    from viscoin_jax.training.config import load_config as load
+
+    config = load("configs/demo.py:quick", [f"--config.explain.latent_confidence={value}"])
+    with pytest.raises(ValueError, match=r"config.explain: the latent counterfactuals' confidence must lie in \(0, 1\)"):
+        pipeline.run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    good = load("configs/demo.py:quick", ["--config.explain.latent_confidence=0.75"])
+    latent, _ = pipeline.explanation_settings(good)
+    assert latent.confidence == 0.75

@@ -219,3 +219,15 @@ def test_a_setting_reaches_the_method_and_bad_ones_fail_before_loading(checkpoin
     with pytest.raises(ValueError, match="grad_cam reads the feature map 'stage9'; this resnet"):
         explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["grad_cam"], str(tmp_path / "o"),
                             settings=["grad_cam.layer=stage9"])
+
+
+@pytest.mark.parametrize("value", ["1", "0", "1.5"])
+def test_a_bad_latent_confidence_is_one_line_before_loading(tmp_path, capsys, value):
+    from viscoin_jax.cli import main
+
+    rc = main(["explain", "--checkpoint", str(tmp_path / "not even a run"), "--images", "synthetic/blob_binary:test:2",
+               "--methods", "latent_direction", "--out", str(tmp_path / "o"), "--latent-confidence", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "confidence must lie in (0, 1)" in err[0] and value in err[0]
+    assert not (tmp_path / "o").exists()

@@ -303,7 +303,8 @@ def main(args: argparse.Namespace) -> int:
         from ..explain.latent_report import LatentSettings
 
         maybe_initialize_distributed()
-        latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples)
+        latent = LatentSettings(projection_steps=args.projection_steps, direction_samples=args.direction_samples,
+                                confidence=args.latent_confidence)
         on_process_zero(lambda: explain(args.checkpoint, args.images, args.methods, args.out, count=args.count,
                                         generator=args.generator, latent_settings=latent,
                                         autoencoder=args.autoencoder, settings=args.setting),
@@ -338,4 +339,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--projection-steps", type=int, default=300, help="W+ projection steps per image batch")
     p.add_argument("--direction-samples", type=int, default=512,
                    help="generated samples the logistic-regression direction is fitted on")
+    p.add_argument("--latent-confidence", type=float, default=0.99,
+                   help="a latent counterfactual is the first image along the direction that f gives the target "
+                        "class with at least this probability")
     p.set_defaults(func=main)

@@ -101,9 +101,15 @@ def headline(explained: dict) -> dict:
 
 def check_stages(config: Any) -> None:
     """Checks what a late stage needs that an early one cannot give (the VisCoIN stage's LPIPS
-    weights, or the explicit permission to use the labelled fallback), before any training."""
+    weights, or the explicit permission to use the labelled fallback; the explanations' settings),
+    before any training."""
     from ..trainers.viscoin import check_perceptual
 
+    if config.explain.enabled:
+        try:
+            explanation_settings(config)
+        except ValueError as e:
+            raise ValueError(f"config.explain: {e}") from None
     for name in config.stage_order:
         stage = config.stages.get(name)
         if stage is not None and stage.get("trainer") == "viscoin":
@@ -191,14 +197,21 @@ def _run_stages(config: Any, workdir: Path, order: list, progress: Any, summary:
                  progress.eta_text(before=index + 1))
 
 
-def run_explanations(config: Any, workdir: Path) -> dict:
-    """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
+def explanation_settings(config: Any):
+    """(LatentSettings, ConceptSettings) of `config.explain`; a bad value raises ValueError."""
     from ..explain.latent_report import LatentSettings
     from ..explain.viscoin_report import ConceptSettings
 
     e = config.explain
-    latent = LatentSettings(projection_steps=int(e.projection_steps), direction_samples=int(e.direction_samples))
-    concepts = ConceptSettings(num_training_images=int(e.num_training_images))
+    latent = LatentSettings(projection_steps=int(e.projection_steps), direction_samples=int(e.direction_samples),
+                            confidence=float(e.get("latent_confidence", LatentSettings.confidence)))
+    return latent, ConceptSettings(num_training_images=int(e.num_training_images))
+
+
+def run_explanations(config: Any, workdir: Path) -> dict:
+    """`explain` on each trained stage's checkpoint (report/<stage>/), and report/index.html linking them."""
+    e = config.explain
+    latent, concepts = explanation_settings(config)
     # the autoencoder stage, where the pipeline trains one, gives every explained f its counterfactuals
     autoencoder = str(workdir / "autoencoder") if "autoencoder" in config.stage_order else None
     out = {}

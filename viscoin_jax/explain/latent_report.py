@@ -44,10 +44,17 @@ class LatentSettings:
     direction_samples: int = 512  # generated samples the logistic regression is fitted on
     num_series: int = 13  # images along each direction (0.25 w_std apart)
     max_shift: float = 3.0  # the series ends at max_shift * w_std along the unit direction
-    confidence: float = 0.9  # the counterfactual: the first image of a series with p(target) >= this
+    # The counterfactual: the first image of a series with p(target) >= this. f is sure of in-between
+    # colours too: on the demo, 0.99 rather than 0.9 took the colour past the in-between band in more
+    # series and never fewer (docs/performance.md, "What the demo's explanations are limited by").
+    confidence: float = 0.99
     interpolation_steps: int = 7
     ig_steps: int = 33
     coverage_samples: int = 256  # random G samples whose classes (f) and measured factors are reported
+
+    def __post_init__(self):
+        if not 0.0 < float(self.confidence) < 1.0:
+            raise ValueError(f"the latent counterfactuals' confidence must lie in (0, 1), got {self.confidence}")
 
 
 def generated_samples(models: LatentModels, key: jax.Array, num_samples: int, batch_size: int = 64):
