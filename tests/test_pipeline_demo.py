@@ -127,6 +127,8 @@ def test_explain_and_results_from_the_checkpoints_in_new_processes(demo, tmp_pat
     assert f"class 0 {drawn['G samples f assigns to class 0']:.3f}, class 1 {drawn['G samples f assigns to class 1']:.3f}" in text
     assert "## Comparison with the paper" in text
     assert "## Headline" in text and "random attribution deletion AUC" in text
+    assert all(summary["explain"][s]["metrics"]["explained images"] == 4 for s in ("classifier", "iresnet", "viscoin"))
+    assert f"on 4 held-out images (FF on {drawn['FF images']})" in text
 
 
 def test_a_second_run_skips_finished_stages(demo, caplog):

@@ -33,3 +33,17 @@ def test_low_ff_reading_follows_what_g_draws(between, rarer, expected, absent):
 
 def test_no_low_ff_reading_when_ff_is_high():
     assert "FF is near zero" not in results.render(_data(0.1, 0.4, ff=0.2), "runs/demo")
+
+
+def test_headline_says_how_many_images_its_fractions_are_over():
+    data = _data(0.1, 0.4, ff=0.2)
+    data["headline"] = {"latent-direction counterfactuals: only causal factors change": 0.4375}
+    data["explain"]["viscoin"].update({"explained images": 32, "FF images": 128})
+    data["explain"]["classifier"] = {"explained images": 32}
+    text = results.render(data, "runs/demo")
+    assert "The explanations' key numbers, on 32 held-out images (FF on 128) (" in text
+    data["explain"]["iresnet"] = {"explained images": 7}
+    assert ", on 7 / 32 held-out images" in results.render(data, "runs/demo")
+    for m in data["explain"].values():
+        m.pop("explained images")
+    assert "The explanations' key numbers (" in results.render(data, "runs/demo")

@@ -232,7 +232,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     report = Report(f"viscoin-jax explanations: {Path(checkpoint).name}")
     report.add_section("Run", f"checkpoint {checkpoint} ({config.trainer}), images {images}, "
                               f"methods {', '.join(methods)}")
-    summary: dict = {}
+    summary: dict = {"explained images": int(len(data["images"]))}
     titles = {registry.CLASSIFIER: "attributions", registry.CONCEPTS: "VisCoIN concepts", registry.LATENT: "latent"}
     comparison = groups.pop(registry.COMPARISON, None)  # drawn last, from what the other methods saved
     if "decision_boundary" in methods and registry.CLASSIFIER in groups:

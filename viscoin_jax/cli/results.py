@@ -68,6 +68,16 @@ def collect(workdir: str | Path) -> dict[str, Any]:
     return out
 
 
+def _explained_text(data: dict[str, Any]) -> str:
+    """", on N held-out images (FF on M)": how many images the fractions are over, where the run says."""
+    counts = sorted({int(m["explained images"]) for m in data["explain"].values() if "explained images" in m})
+    if not counts:
+        return ""
+    text = f", on {' / '.join(map(str, counts))} held-out images"
+    ff = data["explain"].get("viscoin", {}).get("FF images")
+    return text + (f" (FF on {int(ff)})" if ff else "")
+
+
 def _what_g_draws(em: dict[str, Any]) -> str:
     """One sentence on G's random samples as f and the blob measurement read them (explain's metrics)."""
     classes = sorted(k for k in em if k.startswith("G samples f assigns to class "))
@@ -157,9 +167,10 @@ def render(data: dict[str, Any], workdir: str) -> str:
         "shape, size, position, brightness, texture and stain jitter are nuisance factors).",
         "",
         *(["## Headline", "",
-           "The explanations' key numbers (the counterfactual and top-concept fractions count blob-removed, "
-           "colour-ambiguous and blob-less cases as outcomes of their own, never as changes; the attribution "
-           "AUCs fill deleted pixels with each image's background, and the random row is the chance level).",
+           "The explanations' key numbers" + _explained_text(data) + " (the counterfactual and top-concept "
+           "fractions count blob-removed, colour-ambiguous and blob-less cases as outcomes of their own, never as "
+           "changes; the attribution AUCs fill deleted pixels with each image's background, and the random row "
+           "is the chance level).",
            "", _table(["quantity", "value"], [[k, v] for k, v in data["headline"].items()]), ""]
           if data.get("headline") else []),
         "## Stages",
