@@ -136,10 +136,10 @@ def readings(data: dict[str, Any]) -> list[str]:
                   f"{_fmt(em.get('top concepts whose removal changes a causal factor'))} of the images, left it "
                   f"between the stains in {_fmt(em.get('top concepts removed: colour ambiguous'))} and changed a "
                   f"nuisance factor in {_fmt(em.get('top concepts whose removal changes a nuisance factor'))}: a "
-                  "concept is a 3 x 3 map of where its stain is, so zeroing it also takes away where and how large "
-                  "the blob is, and with one concept per stain an image without its stain's concept has no colour "
-                  "concept left (not pink is not yet purple), and with several the colour stays while the blob "
-                  "moves (docs/performance.md, \"What the demo's explanations are limited by\")."]
+                  "concept is a 3 x 3 map of where its stain is and how much of it, so zeroing the one concept that "
+                  "carries a class draws nearly the same small, centred blob whatever the input. That blob has one "
+                  "colour (or one in between), so on a 2-class task removal can flip at most one class "
+                  "(docs/performance.md, \"What the demo's explanations are limited by\")."]
     latent_only = em.get("latent counterfactuals changing only causal factors")
     if latent_only is not None and latent_only < 0.5:
         notes += ["The latent counterfactuals reach f's confidence, yet change only the colour in "
