@@ -182,3 +182,30 @@ def test_what_g_draws_is_measured_on_real_generator_samples(runs, viscoin_report
         assert metrics["G samples whose blob colour is in between the stains"] == pytest.approx(
             float(np.mean(colour_in_between(m["colour_score"])[m["found"]])))
     assert "What G draws" in (viscoin_report / "report.html").read_text()
+
+
+def test_top_concept_rows_per_class_against_a_direct_measurement(viscoin_report):
+    """Per class of g, the share of images whose top concept's removal (lambda 1 -> 0) changed the colour
+    and no nuisance factor, recomputed image by image from the saved drawings; the classes' shares
+    weighted by their counts give the overall row."""
+    from viscoin_jax.data.synthetic import MEASURED_TOLERANCES, colour_in_between, measure_factors
+
+    metrics = json.loads((viscoin_report / "metrics.json").read_text())
+    with np.load(viscoin_report / "concepts.npz") as a:
+        drawings, lambdas, pred = a["drawings"], list(a["lambdas"]), a["g_predictions"]
+    before = measure_factors(drawings[:, 0, lambdas.index(1.0)])
+    after = measure_factors(drawings[:, 0, lambdas.index(0.0)])
+    only = []
+    for i in range(len(pred)):
+        comparable = (before["found"][i] and after["found"][i]
+                      and not colour_in_between(np.array([before["colour_score"][i], after["colour_score"][i]])).any())
+        nuisance = [abs(float(after[k][i]) - float(before[k][i])) > t for k, t in MEASURED_TOLERANCES.items()
+                    if k != "colour"]
+        only.append(bool(comparable and before["colour"][i] != after["colour"][i] and not any(nuisance)))
+    only = np.array(only)
+    names = ("pink", "purple")
+    for c in np.unique(pred):
+        key = f"top concepts changing only causal factors, {names[c]} images"
+        assert metrics[key] == pytest.approx(float(np.mean(only[pred == c])))
+    assert not any(k.endswith(f"{names[c]} images") for c in set(range(2)) - set(pred.tolist()) for k in metrics)
+    assert metrics["top concepts changing only causal factors"] == pytest.approx(float(np.mean(only)))

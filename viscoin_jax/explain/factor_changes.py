@@ -6,9 +6,11 @@ rows of their own, never counted as changes.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..data.synthetic import measure_factors, measured_factor_roles, measurement_outcomes
 from ..metrics.counterfactual_metrics import FactorChanges, factor_change_analysis
-from .report import Report
+from .report import Report, class_label
 
 
 def measured_changes(before, after, variant: str, report: Report, subject: str, *, causal_key: str | None = None,
@@ -32,4 +34,19 @@ def measured_changes(before, after, variant: str, report: Report, subject: str, 
     return summary, changes
 
 
-__all__ = ["measured_changes"]
+def only_causal_by_class(changes: FactorChanges, classes, class_names, key: str) -> dict[str, float]:
+    """{"<key>, <class> images": share changing a causal factor and no nuisance factor} for each class present.
+
+    Why: an edit can work for one class and not the other (removing a class's only concept draws the same
+    class-free image for every input, so on a 2-class task at most one class can flip)."""
+    classes = np.asarray(classes)
+    if classes.shape != changes.changed[changes.causal[0]].shape:
+        raise ValueError(f"classes must be [N] = {changes.changed[changes.causal[0]].shape}, got {classes.shape}")
+    causal = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
+    nuisance = (np.any(np.stack([changes.changed[c] for c in changes.nuisance]), axis=0) if changes.nuisance
+                else np.zeros_like(causal))
+    return {f"{key}, {class_label(class_names, c)} images": float(np.mean((causal & ~nuisance)[classes == c]))
+            for c in np.unique(classes)}
+
+
+__all__ = ["measured_changes", "only_causal_by_class"]

@@ -32,7 +32,7 @@ from . import concepts as concepts_lib
 from . import methods as registry
 from .activations import add_activation_views
 from .bundles import VisCoINBundle
-from .factor_changes import measured_changes
+from .factor_changes import measured_changes, only_causal_by_class
 from .report import Report, class_label, save_arrays
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                 outcome_prefix="top concepts removed: ")
             summary.update(rows)
             arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
+            summary.update(only_causal_by_class(changes, g_pred, names, "top concepts changing only causal factors"))
         save_arrays(out, "concepts", **arrays)
         log.info("concepts: %.1fs", time.perf_counter() - t0)
 
