@@ -365,6 +365,14 @@ def _to_unit(images: np.ndarray) -> np.ndarray:
     return (np.clip(images.astype(np.float64), -1, 1) + 1) / 2
 
 
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest connected region of a boolean mask (all False where the mask is empty)."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask)
+    return labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+
+
 def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
     """Estimates the blob's factors from images (uint8 [0, 255] or float [-1, 1], NHWC).
 
@@ -384,14 +392,8 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
     found = np.zeros(n, bool)
     yy, xx = np.mgrid[0:h, 0:w]
     for i in range(n):
-        mask = dist[i] > _MASK_THRESHOLD
-        labels, count = ndimage.label(mask)
-        if count == 0:
-            continue
-        areas = np.bincount(labels.ravel())[1:]
-        mask = labels == (np.argmax(areas) + 1)
-        area = int(mask.sum())
-        if area < max(3, _MIN_AREA_FRACTION * h * w):
+        mask = _largest_region(dist[i] > _MASK_THRESHOLD)
+        if mask.sum() < max(3, _MIN_AREA_FRACTION * h * w):
             continue
         found[i] = True
         core = mask & (dist[i] > 0.5 * dist[i][mask].max())  # drop anti-aliased edge pixels
@@ -404,11 +406,9 @@ def measure_factors(images: np.ndarray) -> dict[str, np.ndarray]:
         # (+1e-7: a pixel tied with the level counts the same whether the image came as uint8 or float)
         half = dist[i] > _HALF_CONTRAST * np.percentile(dist[i][mask], _CONTRAST_PERCENTILE) + 1e-7
         half &= ndimage.binary_dilation(mask, iterations=3)  # a faint blob's outline never joins the texture
-        labels, count = ndimage.label(half)
-        if count:
-            half_mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-            if half_mask.sum() >= 3:
-                mask = half_mask
+        half = _largest_region(half)
+        if half.sum() >= 3:
+            mask = half
         area = int(mask.sum())
         py, px = (yy[mask] + 0.5) / h, (xx[mask] + 0.5) / w
         cy, cx = py.mean(), px.mean()
