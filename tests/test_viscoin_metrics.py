@@ -315,8 +315,11 @@ def test_factor_changes_by_hand():
     assert out.change_rate == {"shape": 0.5, "size": 0.25, "colour": 0.25, "position": 0.0}
     assert out.causal_rate == pytest.approx(0.375) and out.nuisance_rate == pytest.approx(0.125)
     assert out.any_causal == 0.75 and out.any_nuisance == 0.25 and out.causal_only == 0.75
+    np.testing.assert_array_equal(out.causal_changed, [True, False, True, True])  # per sample
+    np.testing.assert_array_equal(out.nuisance_changed, [False, True, False, False])
     strict = factor_changes(before, after, causal=["shape"], nuisance=["colour"])  # tolerance 0; size unassigned
     assert strict.change_rate["size"] == 0.5 and strict.any_nuisance == 0.5 and strict.causal_only == 0.5
+    np.testing.assert_array_equal(strict.nuisance_changed, [False, True, False, True])
     with pytest.raises(ValueError, match="unknown factor"):
         factor_changes(before, after, causal=["hue"])
     with pytest.raises(ValueError, match="both causal and nuisance"):

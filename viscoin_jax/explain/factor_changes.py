@@ -40,12 +40,10 @@ def only_causal_by_class(changes: FactorChanges, classes, class_names, key: str)
     Why: an edit can work for one class and not the other (removing a class's only concept draws the same
     class-free image for every input, so on a 2-class task at most one class can flip)."""
     classes = np.asarray(classes)
-    if classes.shape != changes.changed[changes.causal[0]].shape:
-        raise ValueError(f"classes must be [N] = {changes.changed[changes.causal[0]].shape}, got {classes.shape}")
-    causal = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
-    nuisance = (np.any(np.stack([changes.changed[c] for c in changes.nuisance]), axis=0) if changes.nuisance
-                else np.zeros_like(causal))
-    return {f"{key}, {class_label(class_names, c)} images": float(np.mean((causal & ~nuisance)[classes == c]))
+    if classes.shape != changes.causal_changed.shape:
+        raise ValueError(f"classes must be [N] = {changes.causal_changed.shape}, got {classes.shape}")
+    only = changes.causal_changed & ~changes.nuisance_changed
+    return {f"{key}, {class_label(class_names, c)} images": float(np.mean(only[classes == c]))
             for c in np.unique(classes)}
 
 

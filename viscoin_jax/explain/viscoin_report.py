@@ -157,7 +157,7 @@ def explain_viscoin(bundle: VisCoINBundle, data: dict, methods, report: Report, 
                 nuisance_key="top concepts whose removal changes a nuisance factor",
                 outcome_prefix="top concepts removed: ")
             summary.update(rows)
-            arrays["top_concept_changed_causal"] = np.any(np.stack([changes.changed[c] for c in changes.causal]), axis=0)
+            arrays["top_concept_changed_causal"] = changes.causal_changed
             summary.update(only_causal_by_class(changes, g_pred, names, "top concepts changing only causal factors"))
         save_arrays(out, "concepts", **arrays)
         log.info("concepts: %.1fs", time.perf_counter() - t0)

@@ -99,6 +99,8 @@ class FactorChanges:
     any_causal: float  # fraction of counterfactuals changing at least one causal factor
     any_nuisance: float  # fraction changing at least one nuisance factor
     causal_only: float  # fraction changing a causal factor and no nuisance factor
+    causal_changed: np.ndarray  # [N] bool: at least one causal factor changed (per sample: any_causal)
+    nuisance_changed: np.ndarray  # [N] bool: at least one nuisance factor changed
     outcomes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> [N] bool, disjoint
     outcome_rate: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> fraction
 
@@ -181,6 +183,8 @@ def factor_changes(
         any_causal=float(np.mean(any_c)),
         any_nuisance=float(np.mean(any_n)),
         causal_only=float(np.mean(any_c & ~any_n)),
+        causal_changed=any_c,
+        nuisance_changed=any_n,
         outcomes=out_masks,
         outcome_rate=out_rates,
     )
