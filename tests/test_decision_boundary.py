@@ -128,3 +128,68 @@ def test_report_view_fractions_against_numpy(tmp_path):
     with np.load(tmp_path / "decision_boundary_penultimate.npz") as saved:
         np.testing.assert_allclose(saved["points"], pts, rtol=1e-4, atol=1e-4)
     assert report.num_images == 1
+
+
+def test_boundary_classes_by_hand():
+    assert db.boundary_classes([4, 1, 4, 1], [1, 1, 1]) == (1, 4)  # two classes: those two, whatever is held out
+    # the two most frequent among the held-out labels, returned in order
+    assert db.boundary_classes([0, 1, 2, 3] * 3, [3, 1, 3, 1, 0, 3, 1, 2, 2]) == (1, 3)
+    # a tie among the held-out labels goes to the class with more training images, then to the lower class
+    assert db.boundary_classes([0, 1, 2, 2, 3], [0, 2, 1, 3]) == (0, 2)
+    assert db.boundary_classes([0, 1, 2, 3], [3, 2, 1, 0]) == (0, 1)
+    # held-out images of one class: the most frequent training class completes the pair
+    assert db.boundary_classes([0, 2, 2, 1, 2], [1, 1, 1]) == (1, 2)
+    with pytest.raises(ValueError, match="a boundary needs two"):
+        db.boundary_classes([5, 5, 5], [5])
+
+
+def test_report_view_of_a_four_class_classifier(tmp_path):
+    """A 4-class head: the plane separates the two most frequent held-out classes, and only images and
+    counterfactuals within that pair are drawn and counted (the view used to refuse more than two classes)."""
+    rng = np.random.default_rng(15)
+    mix = rng.standard_normal((3 * 3 * 3, 7)).astype(np.float32)
+    w = rng.standard_normal((7, 4)).astype(np.float32)
+
+    def features(images):
+        return images.reshape(images.shape[0], -1) @ mix
+
+    def head(f):
+        return f @ w
+
+    train_y = rng.integers(0, 4, 53)
+    train = (rng.uniform(-1, 1, (53, 3, 3, 3)) + 0.3 * train_y[:, None, None, None]).astype(np.float32)
+    labels = np.array([2, 0, 2, 3, 0, 2, 1, 0, 2, 3, 0, 1, 2])  # 2 and 0 are the most frequent
+    images = rng.uniform(-1, 1, (len(labels), 3, 3, 3)).astype(np.float32)
+    cfs = rng.uniform(-1, 1, images.shape).astype(np.float32)
+    targets = np.array([0, 2, 1, 2, 2, 0, 0, 3, 0, 0, 2, 2, 3])  # within the pair where both ends are 0 or 2
+    report = Report("t")
+    summary = db.add_decision_boundary_view(report, tmp_path, BoundaryView("penultimate", features, head), train,
+                                            train_y, images, labels, {"random": (cfs, targets)}, subject="f")
+    origin, u1, u2 = _reference_axes(features(train), train_y, 0, 2)
+
+    def coords(imgs):
+        d = features(imgs).astype(np.float64) - origin
+        return np.stack([d @ u1, d @ u2], 1)
+
+    pair = np.isin(labels, (0, 2))
+    within = [i for i in range(len(labels)) if labels[i] in (0, 2) and targets[i] in (0, 2)]
+    assert within == [0, 1, 4, 5, 8, 10]
+    pts, ends = coords(images), coords(cfs[within])
+    key = "f boundary (penultimate)"
+    side = np.where(pts[:, 0] >= 0, 2, 0)
+    assert summary[f"{key}: held-out points on their class's side"] == pytest.approx(np.mean(side[pair] == labels[pair]))
+    in_plane = [int(np.argmax((origin + p[0] * u1 + p[1] * u2) @ w)) for p in pts[pair]]
+    assert summary[f"{key}: held-out points classified correctly at their in-plane point"] == pytest.approx(
+        np.mean(np.equal(in_plane, labels[pair])))
+    assert summary[f"{key}: random counterfactuals ending on the target's side"] == pytest.approx(
+        np.mean([(2 if e[0] >= 0 else 0) == targets[i] for e, i in zip(ends, within)]))
+    half = np.linalg.norm(features(train[train_y == 2]).mean(0) - features(train[train_y == 0]).mean(0)) / 2
+    depth = np.mean([(e[0] if targets[i] == 2 else -e[0]) for e, i in zip(ends, within)]) / half
+    assert summary[f"{key}: random counterfactual depth into the target side (class-mean units)"] == pytest.approx(
+        depth, rel=1e-4, abs=1e-6)
+    with np.load(tmp_path / "decision_boundary_penultimate.npz") as saved:
+        assert saved["classes"].tolist() == [0, 2]
+        np.testing.assert_array_equal(saved["images_of_random"], within)
+        np.testing.assert_allclose(saved["ends_random"], ends, rtol=1e-4, atol=1e-4)
+    assert report.num_images == 1
+    assert "classes 0 and 2" in report.write(tmp_path).read_text()

@@ -183,6 +183,23 @@ __all__ = ["Plane", "Regions", "fit_plane", "project", "lift", "decision_regions
 # The report's view
 
 
+def boundary_classes(train_labels, labels) -> tuple[int, int]:
+    """The pair of classes the view separates (a < b): the training labels' only two, else the two most
+    frequent among the held-out `labels` (ties: the lower class), so a many-class classifier's picture
+    shows the images being explained; the most frequent training classes complete the pair."""
+    train_labels, labels = np.asarray(train_labels).ravel(), np.asarray(labels).ravel()
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        raise ValueError(f"the training images hold classes {present.tolist()}: a boundary needs two")
+    if len(present) == 2:
+        return int(present[0]), int(present[1])
+    held = np.array([np.sum(labels == c) for c in present])
+    seen = np.array([np.sum(train_labels == c) for c in present])
+    order = np.lexsort((present, -seen, -held))  # most held-out images, then most training images, then lowest
+    a, b = sorted(int(c) for c in present[order[:2]])
+    return a, b
+
+
 def _batched(fn, x, batch_size=64) -> np.ndarray:
     return np.concatenate([np.asarray(fn(jnp.asarray(x[s:s + batch_size]))) for s in range(0, len(x), batch_size)])
 
@@ -193,16 +210,20 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
     """Fits the plane of `view` (a bundles.BoundaryView) on the training images, shows the held-out
     `images` with their `labels`, f's regions and the `counterfactuals` ({method: (images [N, H, W, 3],
     targets [N])}, drawn from their input's point); for an invertible view also decodes the class
-    axis. Adds the picture and tables, saves OUT/decision_boundary_<view>.npz, returns summary rows."""
+    axis. With more than two classes the plane separates `boundary_classes`, and only the images and
+    counterfactuals within that pair are drawn and counted. Adds the picture and tables, saves
+    OUT/decision_boundary_<view>.npz, returns summary rows."""
     from .report import save_arrays
 
     import jax
 
     features_fn, head_fn = jax.jit(view.features_fn), jax.jit(view.head_fn)
-    plane = fit_plane(_batched(features_fn, np.asarray(train_images)), np.asarray(train_labels))
+    labels = np.asarray(labels)
+    pair = boundary_classes(train_labels, labels)
+    many = len(np.unique(np.asarray(train_labels))) > 2
+    plane = fit_plane(_batched(features_fn, np.asarray(train_images)), np.asarray(train_labels), classes=pair)
     feats = _batched(features_fn, np.asarray(images))
     pts = project(plane, feats)
-    labels = np.asarray(labels)
     two = np.isin(labels, plane.classes)
     key = f"{subject} boundary ({view.name})"
     summary = {
@@ -216,10 +237,14 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
                   spread_axis=plane.spread_axis, classes=np.asarray(plane.classes))
     arrows, rows = {}, []
     for name, (cf_images, targets) in (counterfactuals or {}).items():
-        cf_feats = _batched(features_fn, np.asarray(cf_images))
-        ends = project(plane, cf_feats)
         targets = np.asarray(targets)
-        arrows[name] = (pts, ends)
+        within = two & np.isin(targets, plane.classes)  # from one class of the pair to the other
+        if not within.any():
+            continue
+        cf_feats = _batched(features_fn, np.asarray(cf_images)[within])
+        ends = project(plane, cf_feats)
+        targets = targets[within]
+        arrows[name] = (pts[within], ends)
         on_side = float(np.mean(side_of(plane, ends) == targets))
         in_plane = float(np.mean(in_plane_decisions(plane, head_fn, ends) == targets))
         full = float(np.mean(np.asarray(head_fn(jnp.asarray(cf_feats))).argmax(-1) == targets))
@@ -230,10 +255,14 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
         summary[f"{key}: {name} counterfactuals decided as the target at their in-plane point"] = in_plane
         summary[f"{key}: {name} counterfactual depth into the target side (class-mean units)"] = depth
         arrays[f"ends_{name.replace(' ', '_')}"] = ends
-    regions = decision_regions(plane, head_fn, extent_of(pts, *[e for _, e in arrows.values()],
-                                                         np.asarray([[-plane.half_distance, 0], [plane.half_distance, 0]])))
+        arrays[f"images_of_{name.replace(' ', '_')}"] = np.nonzero(within)[0]  # which image each end belongs to
+    class_means = np.asarray([[-plane.half_distance, 0], [plane.half_distance, 0]])
+    regions = decision_regions(plane, head_fn, extent_of(pts[two] if two.any() else pts,
+                                                         *[e for _, e in arrows.values()], class_means))
     picture = plot(plane, regions, pts, labels, arrows, title=f"{subject}: {view.name}")
-    report.add_image_grid(f"Decision boundary of {subject} on its {view.name}: the plane of the class-mean "
+    which = (f" (classes {plane.classes[0]} and {plane.classes[1]}, the most frequent among the explained images; "
+             "other classes' images are left out)" if many else "")
+    report.add_image_grid(f"Decision boundary of {subject} on its {view.name}{which}: the plane of the class-mean "
                           "difference and the top principal direction of the rest; shaded: f's decision at "
                           "each point of the plane", picture[None], cols=1, display_width=int(picture.shape[1]))
     report.add_table([[k.split(": ", 1)[1], v] for k, v in summary.items() if "counterfactual" not in k],
@@ -256,4 +285,4 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
     return summary
 
 
-__all__ += ["add_decision_boundary_view"]
+__all__ += ["boundary_classes", "add_decision_boundary_view"]
