@@ -137,3 +137,43 @@ def test_other_methods_counterfactuals_on_the_boundary(resnet, tmp_path):
         side = np.where(ends[:, 0] < 0, saved["classes"][0], saved["classes"][1])
     key = "f boundary (penultimate): StyleGAN latent direction counterfactuals ending on the target's side"
     assert summary[key] == pytest.approx(np.mean(side == target))
+
+
+@pytest.fixture(scope="module")
+def resnet_4class(tmp_path_factory):
+    return _train(tmp_path_factory, "resnet", ["--config.model.width=4", "--config.model.num_classes=4",
+                                               "--config.data.name=synthetic/blob_4class"])
+
+
+def test_a_four_class_classifier_gets_every_view(resnet_4class, autoencoder, tmp_path):
+    """More than two classes: the views run (the boundary view used to stop the run), the boundary separates
+    two of the most frequent classes among the explained images, and only counterfactuals from one of the
+    pair to the other are drawn on it."""
+    from viscoin_jax.cli.explain import load_images
+
+    out = tmp_path / "c4"
+    spec = "synthetic/blob_4class:test:11"
+    explain(str(resnet_4class), spec, ["gradient", "grad_cam", "deletion_insertion", "activations",
+                                       "autoencoder_counterfactual", "decision_boundary"],
+            str(out), autoencoder=str(autoencoder))
+    metrics = json.loads((out / "metrics.json").read_text())
+    labels = load_images(spec, 32)["labels"]
+    counts = np.bincount(labels, minlength=4)
+    with np.load(out / "autoencoder_counterfactual.npz") as saved:
+        target = saved["target"]
+    with np.load(out / "decision_boundary_penultimate.npz") as saved:
+        pair = saved["classes"].tolist()
+        np.testing.assert_array_equal(saved["labels"], labels)
+        points, files = saved["points"], set(saved.files)
+        chosen = saved["images_of_autoencoder"] if "images_of_autoencoder" in files else None
+    assert pair[0] < pair[1] and min(counts[pair]) >= max(np.delete(counts, pair))
+    two = np.isin(labels, pair)
+    side = np.where(points[:, 0] < 0, pair[0], pair[1])
+    assert metrics["f boundary (penultimate): held-out points on their class's side"] == pytest.approx(
+        np.mean(side[two] == labels[two]))
+    expected = np.flatnonzero(two & np.isin(target, pair))  # none, on this untrained f: then no row and no arrows
+    if len(expected):
+        np.testing.assert_array_equal(chosen, expected)
+    else:
+        assert chosen is None and not any("autoencoder counterfactuals ending" in k for k in metrics)
+    assert 0.0 <= metrics["gradient deletion AUC"] <= 1.0
