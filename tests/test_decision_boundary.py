@@ -84,17 +84,27 @@ def test_decision_regions_against_a_direct_loop():
             assert regions.decision[i, j] == np.argmax(point @ w + bias)
 
 
+def _linear_view(rng, pixels: int, dim: int, num_classes: int):
+    """(features, head, head weights): a random linear feature map of flattened images and a linear head."""
+    mix = rng.standard_normal((pixels, dim)).astype(np.float32)
+    w = rng.standard_normal((dim, num_classes)).astype(np.float32)
+    return (lambda images: images.reshape(images.shape[0], -1) @ mix), (lambda f: f @ w), w
+
+
+def _reference_coords(features, train, train_y, a, b):
+    """(origin, u1, u2, image -> plane coordinates) of the numpy reference plane of classes a and b."""
+    origin, u1, u2 = _reference_axes(features(train), train_y, a, b)
+
+    def coords(images):
+        d = features(images).astype(np.float64) - origin
+        return np.stack([d @ u1, d @ u2], 1)
+
+    return origin, u1, u2, coords
+
+
 def test_report_view_fractions_against_numpy(tmp_path):
     rng = np.random.default_rng(14)
-    mix = rng.standard_normal((5 * 5 * 3, 6)).astype(np.float32)
-    w = rng.standard_normal((6, 2)).astype(np.float32)
-
-    def features(images):
-        return images.reshape(images.shape[0], -1) @ mix
-
-    def head(f):
-        return f @ w
-
+    features, head, w = _linear_view(rng, 5 * 5 * 3, 6, 2)
     train = rng.uniform(-1, 1, (41, 5, 5, 3)).astype(np.float32)
     train_y = rng.integers(0, 2, 41)
     train[train_y == 1] += 0.2
@@ -106,12 +116,7 @@ def test_report_view_fractions_against_numpy(tmp_path):
     summary = db.add_decision_boundary_view(report, tmp_path, BoundaryView("penultimate", features, head), train,
                                             train_y, images, labels, {"random": (cfs, targets)}, subject="f")
     # reference: plane from numpy, fractions by loops
-    origin, u1, u2 = _reference_axes(features(train), train_y, 0, 1)
-
-    def coords(imgs):
-        d = features(imgs).astype(np.float64) - origin
-        return np.stack([d @ u1, d @ u2], 1)
-
+    origin, u1, u2, coords = _reference_coords(features, train, train_y, 0, 1)
     pts, ends = coords(images), coords(cfs)
     side = [int(p[0] >= 0) for p in pts]
     in_plane = [int(np.argmax((origin + p[0] * u1 + p[1] * u2) @ w)) for p in pts]
@@ -147,15 +152,7 @@ def test_report_view_of_a_four_class_classifier(tmp_path):
     """A 4-class head: the plane separates the two most frequent held-out classes, and only images and
     counterfactuals within that pair are drawn and counted (the view used to refuse more than two classes)."""
     rng = np.random.default_rng(15)
-    mix = rng.standard_normal((3 * 3 * 3, 7)).astype(np.float32)
-    w = rng.standard_normal((7, 4)).astype(np.float32)
-
-    def features(images):
-        return images.reshape(images.shape[0], -1) @ mix
-
-    def head(f):
-        return f @ w
-
+    features, head, w = _linear_view(rng, 3 * 3 * 3, 7, 4)
     train_y = rng.integers(0, 4, 53)
     train = (rng.uniform(-1, 1, (53, 3, 3, 3)) + 0.3 * train_y[:, None, None, None]).astype(np.float32)
     labels = np.array([2, 0, 2, 3, 0, 2, 1, 0, 2, 3, 0, 1, 2])  # 2 and 0 are the most frequent
@@ -165,12 +162,7 @@ def test_report_view_of_a_four_class_classifier(tmp_path):
     report = Report("t")
     summary = db.add_decision_boundary_view(report, tmp_path, BoundaryView("penultimate", features, head), train,
                                             train_y, images, labels, {"random": (cfs, targets)}, subject="f")
-    origin, u1, u2 = _reference_axes(features(train), train_y, 0, 2)
-
-    def coords(imgs):
-        d = features(imgs).astype(np.float64) - origin
-        return np.stack([d @ u1, d @ u2], 1)
-
+    origin, u1, u2, coords = _reference_coords(features, train, train_y, 0, 2)
     pair = np.isin(labels, (0, 2))
     within = [i for i in range(len(labels)) if labels[i] in (0, 2) and targets[i] in (0, 2)]
     assert within == [0, 1, 4, 5, 8, 10]
