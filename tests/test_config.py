@@ -344,3 +344,20 @@ def test_pipeline_refuses_a_bad_latent_confidence_before_training(tmp_path, valu
     good = load("configs/demo.py:quick", ["--config.explain.latent_confidence=0.75"])
     latent, _ = pipeline.explanation_settings(good)
     assert latent.confidence == 0.75
+
+
+def test_pipeline_refuses_explained_images_of_more_classes_before_training(tmp_path):
+    """Images of a 4-class variant for 2-class stages would fail only after every stage trained: refused first."""
+    from viscoin_jax.cli import run as pipeline
+    from viscoin_jax.training.config import load_config as load
+
+    config = load("configs/demo.py:quick", ["--config.explain.images=synthetic/blob_4class:test:8"])
+    with pytest.raises(ValueError, match=r"holds 4 classes, but stage 'classifier' has 2 "
+                                         r"\(config.stages.classifier.model.num_classes\)"):
+        pipeline.run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"config.explain.images: unknown synthetic variant 'blob_nope'"):
+        pipeline.check_stages(load("configs/demo.py:quick", ["--config.explain.images=synthetic/blob_nope:test:8"]))
+    overrides = [f"--config.stages.{s}.model.num_classes=4" for s in ("classifier", "iresnet", "viscoin")]
+    pipeline.check_stages(load("configs/demo.py:quick", overrides + ["--config.explain.images=synthetic/blob_4class:test:8"]))
+    pipeline.check_stages(load("configs/demo.py:quick", ["--config.explain.images=synthetic/blob_shape:test:8"]))

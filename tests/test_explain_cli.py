@@ -121,6 +121,16 @@ def test_bad_input_gives_clear_errors(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         explain_run.explain(str(tmp_path / "nothing"), "synthetic/blob_binary:test:2", ["gradient"],
                             str(tmp_path / "o"))
+    # labels the 2-class model has no class for: images of another task, refused before any method runs
+    with pytest.raises(ValueError, match=r"labels run from 0 to 3, but the classifier run has 2 classes"):
+        explain_run.explain(str(checkpoint), "synthetic/blob_4class:test:12", ["gradient"], str(tmp_path / "o4"))
+    np.savez(npz, images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"labels run from -1 to 1"):
+        explain_run.explain(str(checkpoint), str(npz), ["gradient"], str(tmp_path / "o5"))
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
+    np.savez(npz, images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.array([1, 0, 1]))  # in range: explained
+    explain_run.explain(str(checkpoint), str(npz), ["gradient"], str(tmp_path / "o6"))
+    assert (tmp_path / "o6" / "metrics.json").is_file()
 
 
 def test_images_from_the_runs_own_data_set(checkpoint, tmp_path):

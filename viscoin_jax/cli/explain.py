@@ -162,6 +162,19 @@ def log_key_images(report, out_dir: Path, logdir: Path, step: int) -> dict[str, 
     return files
 
 
+def check_labels(labels, config, images: str) -> None:
+    """Refuses labels the model has no class for: images of another task (say, 4-class synthetic images for a
+    2-class run) would otherwise be scored against the wrong classes and read as a low accuracy."""
+    num_classes = config.model.get("num_classes") if "model" in config else None
+    if labels is None or num_classes is None or len(labels) == 0:
+        return
+    labels = np.asarray(labels)
+    if labels.min() < 0 or labels.max() >= int(num_classes):
+        raise ValueError(f"--images {images}: its labels run from {int(labels.min())} to {int(labels.max())}, but the "
+                         f"{config.trainer} run has {int(num_classes)} classes (0 to {int(num_classes) - 1}): images of "
+                         "another task?")
+
+
 def _summary_text(checkpoint, config, images, data, methods) -> str:
     names = data.get("class_names")
     classes = f" (classes: {', '.join(names)})" if names else ""
@@ -226,6 +239,7 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
         data = {"images": x, "labels": np.asarray(y, np.int32), "factors": None}
     else:
         data = load_images(images, resolution, count)
+    check_labels(data["labels"], config, images)
     if data.get("class_names") is None:
         data["class_names"] = class_names_of(config)
     variant = _variant(images)

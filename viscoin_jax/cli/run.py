@@ -110,6 +110,7 @@ def check_stages(config: Any) -> None:
             explanation_settings(config)
         except ValueError as e:
             raise ValueError(f"config.explain: {e}") from None
+        check_explained_classes(config)
     for name in config.stage_order:
         stage = config.stages.get(name)
         if stage is not None and stage.get("trainer") == "viscoin":
@@ -117,6 +118,25 @@ def check_stages(config: Any) -> None:
                 check_perceptual(stage)
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"stage {name!r}: {e}".replace("config.loss.", f"config.stages.{name}.loss.")) from None
+
+
+def check_explained_classes(config: Any) -> None:
+    """Synthetic images to explain must hold no class the stages' models lack (explain refuses them too,
+    but only after every stage has trained)."""
+    images = str(config.explain.get("images", ""))
+    if not images.startswith("synthetic/"):
+        return  # a folder or an npz: its labels are checked when explain loads them
+    from ..data.synthetic import get_variant
+
+    try:
+        classes = get_variant(images[len("synthetic/"):].split(":")[0]).num_classes
+    except ValueError as e:
+        raise ValueError(f"config.explain.images: {e}") from None
+    for name in config.stage_order:
+        model = config.stages[name].get("model") if name in config.stages else None
+        if model is not None and model.get("num_classes") is not None and classes > int(model.num_classes):
+            raise ValueError(f"config.explain.images {images!r} holds {classes} classes, but stage {name!r} has "
+                             f"{int(model.num_classes)} (config.stages.{name}.model.num_classes)")
 
 
 def stage_steps(config: Any) -> list[tuple[str, int]]:
