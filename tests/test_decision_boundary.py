@@ -148,6 +148,19 @@ def test_boundary_classes_by_hand():
         db.boundary_classes([5, 5, 5], [5])
 
 
+
+def test_the_pair_setting_by_hand():
+    from viscoin_jax.explain.methods import class_pair, resolve_settings
+
+    assert class_pair("auto") is None and class_pair(" AUTO ") is None
+    assert class_pair("3,1") == (3, 1) and class_pair(" 0, 12") == (0, 12)
+    for bad in ("", "1", "1,2,3", "2,2", "-1,0", "a,b", "1.5,2"):
+        with pytest.raises(ValueError, match="must be 'auto' or two different class numbers"):
+            class_pair(bad)
+    assert resolve_settings()["decision_boundary"] == {"classes": "auto"}
+    assert resolve_settings(["decision_boundary.classes=4,2"])["decision_boundary"] == {"classes": "4,2"}
+
+
 def test_report_view_of_a_four_class_classifier(tmp_path):
     """A 4-class head: the plane separates the two most frequent held-out classes, and only images and
     counterfactuals within that pair are drawn and counted (the view used to refuse more than two classes)."""
@@ -185,3 +198,16 @@ def test_report_view_of_a_four_class_classifier(tmp_path):
         np.testing.assert_allclose(saved["ends_random"], ends, rtol=1e-4, atol=1e-4)
     assert report.num_images == 1
     assert "classes 0 and 2" in report.write(tmp_path).read_text()
+
+    # an asked-for pair, in its own orientation (3 at negative class coordinates, 1 at positive)
+    asked = db.add_decision_boundary_view(Report("t"), tmp_path, BoundaryView("penultimate", features, head), train,
+                                          train_y, images, labels, {"random": (cfs, targets)}, subject="f",
+                                          classes=(3, 1))
+    _, v1, _, coords31 = _reference_coords(features, train, train_y, 3, 1)
+    keep = np.isin(labels, (1, 3))
+    side31 = np.where(coords31(images)[:, 0] >= 0, 1, 3)
+    assert asked[f"{key}: held-out points on their class's side"] == pytest.approx(np.mean(side31[keep] == labels[keep]))
+    assert not any("random counterfactuals" in k for k in asked)  # no image goes from 1 to 3 or back
+    with np.load(tmp_path / "decision_boundary_penultimate.npz") as saved:
+        assert saved["classes"].tolist() == [3, 1]
+        np.testing.assert_allclose(saved["class_axis"], v1, rtol=1e-6, atol=1e-7)

@@ -222,10 +222,19 @@ def test_a_setting_reaches_the_method_and_bad_ones_fail_before_loading(checkpoin
         assert not np.allclose(arrays["maps"], default, rtol=1e-3)
     for bad, message in [("smoothgrad.samples=3", "smoothgrad has no setting 'samples'; its settings: num_samples"),
                          ("lime.x=1", "unknown method 'lime'"), ("smoothgrad=3", "expected METHOD.KEY=VALUE"),
-                         ("smoothgrad.num_samples=many", "must be an integer")]:
+                         ("smoothgrad.num_samples=many", "must be an integer"),
+                         ("decision_boundary.classes=2", "classes must be 'auto' or two different class numbers"),
+                         ("decision_boundary.classes=1,1", "two different class numbers 'a,b', got '1,1'"),
+                         ("decision_boundary.classes=0,-2", "two different class numbers"),
+                         ("decision_boundary.classes=0,x", "two different class numbers")]:
         with pytest.raises(ValueError, match=message):
             explain_run.explain(str(tmp_path / "not even a run"), "synthetic/blob_binary:test:2", ["gradient"],
                                 str(tmp_path / "o"), settings=[bad])
+    # a pair the 2-class run does not have: refused once the run is loaded, before any method runs
+    with pytest.raises(ValueError, match=r"decision_boundary.classes: class 2 is not one of the classifier run's 2"):
+        explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["gradient", "decision_boundary"],
+                            str(tmp_path / "o7"), settings=["decision_boundary.classes=2,0"])
+    assert not (tmp_path / "o7").exists()
     with pytest.raises(ValueError, match="grad_cam reads the feature map 'stage9'; this resnet"):
         explain_run.explain(str(checkpoint), "synthetic/blob_binary:test:2", ["grad_cam"], str(tmp_path / "o"),
                             settings=["grad_cam.layer=stage9"])

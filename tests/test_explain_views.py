@@ -177,3 +177,7 @@ def test_a_four_class_classifier_gets_every_view(resnet_4class, autoencoder, tmp
     else:
         assert chosen is None and not any("autoencoder counterfactuals ending" in k for k in metrics)
     assert 0.0 <= metrics["gradient deletion AUC"] <= 1.0
+    # --setting decision_boundary.classes picks the pair, in its own orientation
+    explain(str(resnet_4class), spec, ["decision_boundary"], str(tmp_path / "p"), settings=["decision_boundary.classes=3,1"])
+    with np.load(tmp_path / "p" / "decision_boundary_penultimate.npz") as saved:
+        assert saved["classes"].tolist() == [3, 1]

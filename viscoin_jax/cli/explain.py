@@ -175,6 +175,14 @@ def check_labels(labels, config, images: str) -> None:
                          "another task?")
 
 
+def check_boundary_pair(pair, config) -> None:
+    """The decision boundary's asked-for pair must be classes the run has (before any method runs)."""
+    num_classes = config.model.get("num_classes") if "model" in config else None
+    if pair is not None and num_classes is not None and max(pair) >= int(num_classes):
+        raise ValueError(f"--setting decision_boundary.classes: class {max(pair)} is not one of the "
+                         f"{config.trainer} run's {int(num_classes)} classes (0 to {int(num_classes) - 1})")
+
+
 def _summary_text(checkpoint, config, images, data, methods) -> str:
     names = data.get("class_names")
     classes = f" (classes: {', '.join(names)})" if names else ""
@@ -240,6 +248,8 @@ def explain(checkpoint: str, images: str, methods, out: str, *, count: int | Non
     else:
         data = load_images(images, resolution, count)
     check_labels(data["labels"], config, images)
+    if "decision_boundary" in methods:
+        check_boundary_pair(registry.class_pair(method_settings["decision_boundary"]["classes"]), config)
     if data.get("class_names") is None:
         data["class_names"] = class_names_of(config)
     variant = _variant(images)

@@ -234,7 +234,8 @@ def explain_classifier(bundle: ClassifierBundle, data, methods, report, out: Pat
         labels = data["labels"] if data["labels"] is not None else pred
         for view in bundle.boundary_views:
             summary.update(add_decision_boundary_view(report, out, view, train_x, train_y, data["images"], labels,
-                                                      counterfactual_sets, subject="f"))
+                                                      counterfactual_sets, subject="f",
+                                                      classes=registry.class_pair(settings["decision_boundary"]["classes"])))
     report.add_metrics(summary, title="Classifier metrics")
     return summary
 

@@ -206,12 +206,12 @@ def _batched(fn, x, batch_size=64) -> np.ndarray:
 
 def add_decision_boundary_view(report, out, view, train_images, train_labels, images, labels,
                                counterfactuals: Mapping[str, tuple] | None = None, *, subject: str,
-                               decode_steps: int = 9) -> dict:
+                               decode_steps: int = 9, classes: tuple[int, int] | None = None) -> dict:
     """Fits the plane of `view` (a bundles.BoundaryView) on the training images, shows the held-out
     `images` with their `labels`, f's regions and the `counterfactuals` ({method: (images [N, H, W, 3],
     targets [N])}, drawn from their input's point); for an invertible view also decodes the class
-    axis. With more than two classes the plane separates `boundary_classes`, and only the images and
-    counterfactuals within that pair are drawn and counted. Adds the picture and tables, saves
+    axis. The plane separates `classes` (a at negative class coordinates), by default `boundary_classes`;
+    with more than two classes only the images and counterfactuals within that pair are drawn and counted. Adds the picture and tables, saves
     OUT/decision_boundary_<view>.npz, returns summary rows."""
     from .report import save_arrays
 
@@ -219,7 +219,7 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
 
     features_fn, head_fn = jax.jit(view.features_fn), jax.jit(view.head_fn)
     labels = np.asarray(labels)
-    pair = boundary_classes(train_labels, labels)
+    pair = boundary_classes(train_labels, labels) if classes is None else (int(classes[0]), int(classes[1]))
     many = len(np.unique(np.asarray(train_labels))) > 2
     plane = fit_plane(_batched(features_fn, np.asarray(train_images)), np.asarray(train_labels), classes=pair)
     feats = _batched(features_fn, np.asarray(images))
@@ -260,8 +260,9 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
     regions = decision_regions(plane, head_fn, extent_of(pts[two] if two.any() else pts,
                                                          *[e for _, e in arrows.values()], class_means))
     picture = plot(plane, regions, pts, labels, arrows, title=f"{subject}: {view.name}")
-    which = (f" (classes {plane.classes[0]} and {plane.classes[1]}, the most frequent among the explained images; "
-             "other classes' images are left out)" if many else "")
+    chosen = "the most frequent among the explained images" if classes is None else "as asked"
+    which = (f" (classes {plane.classes[0]} and {plane.classes[1]}, {chosen}; other classes' images are left out)"
+             if many else "")
     report.add_image_grid(f"Decision boundary of {subject} on its {view.name}{which}: the plane of the class-mean "
                           "difference and the top principal direction of the rest; shaded: f's decision at "
                           "each point of the plane", picture[None], cols=1, display_width=int(picture.shape[1]))

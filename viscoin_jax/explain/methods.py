@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # what a checkpoint offers: its classifier's architecture or a VisCoIN run, and a generator when
 # `--generator` names a StyleGAN2 run for a classifier checkpoint
@@ -34,9 +34,25 @@ class Method:
     # as fn(classifier_fn, feats_fn, images, targets, key=..., **settings)
     function: str | None = None
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # defaults; --setting overrides
+    # setting -> fn(value) raising a ValueError on a value the method cannot use (run on overrides)
+    checks: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
 
 
 _ALL_CLASSIFIERS = (RESNET, IRESNET, VISCOIN)
+
+
+def class_pair(text: str) -> tuple[int, int] | None:
+    """The decision boundary's `classes` setting: "auto" -> None (the view picks), "a,b" -> (a, b)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    parts = str(text).split(",")
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        a = b = -1
+    if len(parts) != 2 or a < 0 or b < 0 or a == b:
+        raise ValueError(f"must be 'auto' or two different class numbers 'a,b', got {text!r}")
+    return a, b
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradient", CLASSIFIER, _ALL_CLASSIFIERS, "vanilla gradient, max |.| over channels", True,
            "attributions:gradient_map"),
@@ -56,7 +72,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("iresnet_counterfactual", CLASSIFIER, (IRESNET,), "counterfactuals by moving z between class means"),
     Method("decision_boundary", CLASSIFIER, _ALL_CLASSIFIERS,
            "held-out points and counterfactuals on the plane of the class-mean difference and the top "
-           "principal direction of f's penultimate features (and the i-ResNet's z)"),
+           "principal direction of f's penultimate features (and the i-ResNet's z); classes: the pair it "
+           "separates, 'a,b', or auto (the only two, else the two most frequent among the explained images)",
+           settings={"classes": "auto"}, checks={"classes": class_pair}),
     Method("autoencoder_counterfactual", CLASSIFIER, (WITH_AUTOENCODER,),
            "counterfactuals by moving an autoencoder's code between class means until f decides the other class"),
     Method("activations", CLASSIFIER, _ALL_CLASSIFIERS,
@@ -142,6 +160,12 @@ def resolve_settings(overrides: Sequence[str] = ()) -> dict[str, dict[str, Any]]
             known = ", ".join(settings[method]) or "none"
             raise ValueError(f"--setting {item!r}: {method} has no setting {key!r}; its settings: {known}")
         settings[method][key] = _parse_value(text, METHODS[method].settings[key], f"--setting {target}")
+        check = METHODS[method].checks.get(key)
+        if check is not None:
+            try:
+                check(settings[method][key])
+            except ValueError as e:
+                raise ValueError(f"--setting {target} {e}") from None
     return settings
 
 
@@ -159,4 +183,4 @@ def help_text() -> str:
 
 __all__ = ["Method", "METHODS", "KINDS", "LABELS", "RESNET", "IRESNET", "VISCOIN", "WITH_GENERATOR", "WITH_AUTOENCODER",
            "CLASSIFIER", "CONCEPTS", "COMPARISON", "LATENT", "names", "check_request", "help_text", "map_function",
-           "resolve_settings"]
+           "resolve_settings", "class_pair"]
