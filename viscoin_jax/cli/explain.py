@@ -162,25 +162,31 @@ def log_key_images(report, out_dir: Path, logdir: Path, step: int) -> dict[str, 
     return files
 
 
+def _num_classes(config) -> int | None:
+    """The run's class count, where its model config names one."""
+    num_classes = config.model.get("num_classes") if "model" in config else None
+    return None if num_classes is None else int(num_classes)
+
+
 def check_labels(labels, config, images: str) -> None:
     """Refuses labels the model has no class for: images of another task (say, 4-class synthetic images for a
     2-class run) would otherwise be scored against the wrong classes and read as a low accuracy."""
-    num_classes = config.model.get("num_classes") if "model" in config else None
+    num_classes = _num_classes(config)
     if labels is None or num_classes is None or len(labels) == 0:
         return
     labels = np.asarray(labels)
-    if labels.min() < 0 or labels.max() >= int(num_classes):
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"--images {images}: its labels run from {int(labels.min())} to {int(labels.max())}, but the "
-                         f"{config.trainer} run has {int(num_classes)} classes (0 to {int(num_classes) - 1}): images of "
+                         f"{config.trainer} run has {num_classes} classes (0 to {num_classes - 1}): images of "
                          "another task?")
 
 
 def check_boundary_pair(pair, config) -> None:
     """The decision boundary's asked-for pair must be classes the run has (before any method runs)."""
-    num_classes = config.model.get("num_classes") if "model" in config else None
-    if pair is not None and num_classes is not None and max(pair) >= int(num_classes):
+    num_classes = _num_classes(config)
+    if pair is not None and num_classes is not None and max(pair) >= num_classes:
         raise ValueError(f"--setting decision_boundary.classes: class {max(pair)} is not one of the "
-                         f"{config.trainer} run's {int(num_classes)} classes (0 to {int(num_classes) - 1})")
+                         f"{config.trainer} run's {num_classes} classes (0 to {num_classes - 1})")
 
 
 def _summary_text(checkpoint, config, images, data, methods) -> str:

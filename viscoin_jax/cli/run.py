@@ -39,7 +39,7 @@ from ..training.distributed import ProcessZeroFailed, maybe_initialize_distribut
 from ..phases import format_seconds
 from ..training.monitor import RunProgress, run_progress
 from ..training.registry import trainer_module
-from .explain import explain
+from .explain import _variant, explain
 from .log_setup import LEVELS, setup_logging
 from .train import config_help, report_user_error, user_errors
 
@@ -124,12 +124,13 @@ def check_explained_classes(config: Any) -> None:
     """Synthetic images to explain must hold no class the stages' models lack (explain refuses them too,
     but only after every stage has trained)."""
     images = str(config.explain.get("images", ""))
-    if not images.startswith("synthetic/"):
-        return  # a folder or an npz: its labels are checked when explain loads them
+    variant = _variant(images)
+    if variant is None:
+        return  # a folder, an npz or the run's data set: its labels are checked when explain loads them
     from ..data.synthetic import get_variant
 
     try:
-        classes = get_variant(images[len("synthetic/"):].split(":")[0]).num_classes
+        classes = get_variant(variant).num_classes
     except ValueError as e:
         raise ValueError(f"config.explain.images: {e}") from None
     for name in config.stage_order:
@@ -254,7 +255,6 @@ def compare_counterfactuals(report_dir: Path, reports: dict, images: str) -> dic
     """{"header", "rows"}: every counterfactual method the stages' reports saved, on the same held-out
     images (explain.counterfactual_comparison), or None when no report holds one."""
     from ..explain.counterfactual_comparison import comparison_rows, counterfactual_sets
-    from .explain import _variant
 
     sets = counterfactual_sets([report_dir / stage for stage in reports])
     if not sets:

@@ -211,8 +211,8 @@ def add_decision_boundary_view(report, out, view, train_images, train_labels, im
     `images` with their `labels`, f's regions and the `counterfactuals` ({method: (images [N, H, W, 3],
     targets [N])}, drawn from their input's point); for an invertible view also decodes the class
     axis. The plane separates `classes` (a at negative class coordinates), by default `boundary_classes`;
-    with more than two classes only the images and counterfactuals within that pair are drawn and counted. Adds the picture and tables, saves
-    OUT/decision_boundary_<view>.npz, returns summary rows."""
+    with more than two classes only the images and counterfactuals within that pair are drawn and counted.
+    Adds the picture and tables, saves OUT/decision_boundary_<view>.npz, returns summary rows."""
     from .report import save_arrays
 
     import jax

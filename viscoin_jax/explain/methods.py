@@ -53,6 +53,8 @@ def class_pair(text: str) -> tuple[int, int] | None:
     if len(parts) != 2 or a < 0 or b < 0 or a == b:
         raise ValueError(f"must be 'auto' or two different class numbers 'a,b', got {text!r}")
     return a, b
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradient", CLASSIFIER, _ALL_CLASSIFIERS, "vanilla gradient, max |.| over channels", True,
            "attributions:gradient_map"),
