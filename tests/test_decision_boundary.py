@@ -148,7 +148,6 @@ def test_boundary_classes_by_hand():
         db.boundary_classes([5, 5, 5], [5])
 
 
-
 def test_the_pair_setting_by_hand():
     from viscoin_jax.explain.methods import class_pair, resolve_settings
 
