@@ -35,3 +35,38 @@ def test_no_compilation_cache_writes_nothing(tmp_path):
     log = _train(tmp_path / "run", cache, 2, "--no-compilation-cache")
     assert not cache.exists()
     assert "compilation cache hit" not in log
+
+
+def _session_cache_dir(tmp_path, **env_extra):
+    """Runs a one-test pytest session under tests/conftest.py; returns the cache directory that session's
+    test saw (and checked it exists) and that session's environment."""
+    probe = tmp_path / "session"
+    probe.mkdir()
+    (probe / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (probe / "test_probe.py").write_text(
+        "import os\n\ndef test_probe():\n"
+        "    cache = os.environ['VISCOIN_JAX_CACHE_DIR']\n    assert os.path.isdir(cache)\n"
+        f"    open({str(tmp_path / 'seen')!r}, 'w').write(cache)\n")
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "VISCOIN_JAX_CACHE_DIR"}
+    env.update(TMPDIR=str(tmp_path / "tmp"), **env_extra)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                          str(probe / "test_probe.py")], cwd=probe, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return Path((tmp_path / "seen").read_text())
+
+
+def test_the_test_session_removes_the_cache_directory_it_made(tmp_path):
+    """Every test session made a ~100 MB cache directory under TMPDIR and left it there (643 of them filled
+    the disk); the session now removes the one it made, and keeps one the user named."""
+    made = _session_cache_dir(tmp_path)
+    assert made.parent == tmp_path / "tmp" and made.name.startswith("viscoin_jax_test_cache_")
+    assert not made.exists() and not list((tmp_path / "tmp").glob("viscoin_jax_test_cache_*"))
+
+
+def test_the_test_session_keeps_a_cache_directory_the_user_named(tmp_path):
+    named = tmp_path / "mine"
+    named.mkdir()
+    assert _session_cache_dir(tmp_path, VISCOIN_JAX_CACHE_DIR=str(named)) == named
+    assert named.is_dir()
